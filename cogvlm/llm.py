@@ -1,0 +1,118 @@
+"""The language model: a Vicuna-7B (Llama-2) decoder whose every layer carries a visual expert (CogVLM paper, 2.1).
+
+Pre-norm layers, `x + Attn(RMSNorm(x))` then `x + MLP(RMSNorm(x))`; rotary positions; no biases; an untied lm_head.
+The attention and MLP of each layer live in `visual_expert.py`, because each token picks its own copy of them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TextConfig
+from .visual_expert import ExpertRoute, VisualExpertAttention, VisualExpertMLP
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In fp32 whatever the model dtype, and cast back only after the weight multiply, as Llama's reference does:
+        # casting before the multiply gives visibly different bf16 outputs.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) position ids -> cos, sin of shape (B, 1, L, head_dim/2), fp32; angle = pos / theta^(2j/head_dim)."""
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    angles = position_ids[:, None, :, None].float() * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def attention_mask(query_pos: torch.Tensor, key_valid: torch.Tensor | None, num_keys: int) -> torch.Tensor:
+    """Boolean (B or 1, 1, L, S) mask, True = may attend: causal over cache slots, minus padded keys.
+
+    query_pos: (L,) cache slot of each query; key_valid: (B, S) with 1 for real tokens, or None.
+    A query always sees its own slot, so the rows of left-padding tokens (all of whose keys are pads) stay finite
+    instead of becoming NaN; their values are garbage that no real token ever attends to.
+    """
+    key_idx = torch.arange(num_keys, device=query_pos.device)
+    causal = key_idx[None, :] <= query_pos[:, None]  # (L, S)
+    if key_valid is None:
+        return causal[None, None]
+    mask = causal[None] & key_valid[:, None, :num_keys].bool()
+    return (mask | (key_idx[None, :] == query_pos[:, None])[None])[:, None]
+
+
+class KVCache(nn.Module):
+    """A preallocated (static) key/value cache for one layer: (B, H, S_max, hd) each."""
+
+    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisualExpertAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = VisualExpertMLP(cfg)
+
+    def forward(self, x, rope, expert_route, attn_mask=None, kv_cache=None, cache_pos=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, expert_route, attn_mask, kv_cache, cache_pos)
+        return x + self.mlp(self.mlp_norm(x), expert_route)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        expert_route: ExpertRoute | None = None,
+        key_valid: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+        cache_pos: torch.Tensor | None = None,
+        trace: dict | None = None,
+    ) -> torch.Tensor:
+        """(B, L, D) input embeddings -> (B, L, D) final-norm output (apply `lm_head` for logits).
+
+        Without kv_caches, attention is over x itself; key_valid (B, L) marks padding, None means no padding.
+        With kv_caches, the new keys go to slots cache_pos (L,) and key_valid (B, S_max) covers the whole cache.
+        """
+        rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        if kv_caches is None:
+            L = x.shape[1]
+            mask = None if key_valid is None else attention_mask(torch.arange(L, device=x.device), key_valid, L)
+        else:
+            mask = attention_mask(cache_pos, key_valid, kv_caches[0].k.shape[2])
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_caches is None else kv_caches[i]
+            x = layer(x, rope, expert_route, mask, cache, cache_pos)
+            if trace is not None:
+                trace[f"decoder_layer{i}_out"] = x
+        x = self.norm(x)
+        if trace is not None:
+            trace["final_norm_out"] = x
+        return x

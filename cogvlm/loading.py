@@ -1,0 +1,70 @@
+"""Loading a converted checkpoint: build the model on the meta device, then put each tensor straight in its place.
+
+No full copy of the model is ever materialised in RAM: safetensors shards are memory-mapped and each tensor is read
+onto its target device (a GPU directly, where asked) and cast there.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CONFIG_FILE, CogVLMConfig
+from .convert.checkpoint import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
+from .model import CogVLM
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 matmuls are slow and less accurate)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(path: str | Path, device=None, dtype=None) -> CogVLM:
+    """A `CogVLM` with the weights of the converted checkpoint folder `path`, in eval mode, gradients off.
+
+    Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
+    """
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        if (path / "config.json").exists():
+            raise CheckpointError(
+                f"{path} is in the hub layout; convert it first: python -m cogvlm convert {path} CONVERTED_DIR"
+            )
+        raise CheckpointError(f"{path} is not a cogvlm checkpoint folder (no {CONFIG_FILE})")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    cfg = CogVLMConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    with torch.device("meta"):
+        model = CogVLM(cfg)
+    expected = dict(model.named_parameters())
+    shards = list_shards(path)
+    check_safetensors_headers(shards)
+    loaded: set[str] = set()
+    for file, _ in shards:
+        with open_shard(file, device=str(device)) as shard:
+            for name in shard.keys():
+                if name not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r}; checkpoint and code versions differ")
+                tensor = shard.get_tensor(name)
+                if tensor.shape != expected[name].shape:
+                    raise CheckpointError(
+                        f"{file}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                        f"{tuple(expected[name].shape)}"
+                    )
+                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                loaded.add(name)
+    missing = sorted(expected.keys() - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
+    return model.eval()
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter `name` by `tensor`, without copying."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))

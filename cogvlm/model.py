@@ -1,0 +1,140 @@
+"""CogVLM assembled: ViT -> adapter -> image embeddings spliced into the token sequence -> decoder -> logits.
+
+Inputs follow the reference's `build_conversation_input_ids`: `[bos, boi, patch_1 .. patch_N, eoi, text ...]`,
+where the N+2 image positions carry token type 1 and a placeholder id, and their embeddings are replaced by the
+adapter's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter
+from .config import CogVLMConfig
+from .llm import KVCache, LanguageModel
+from .visual_expert import VISION_TOKEN_TYPE, ExpertRoute
+from .vit import VisionTransformer
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (bos, image, prompt, padding)
+
+
+def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) token types -> (B, L) rotary position ids, as the reference's latest hub revision computes them.
+
+    The whole image spans three positions: boi and eoi count as text, and the N patches share a single position
+    (the first patch advances it, the others do not). Pads (mask 0) never advance it. Position 0 is always 0, so
+    after left padding the first real token (bos) sits at position 1; rotary is relative, so this changes nothing.
+    """
+    types = token_type_ids.clone()
+    if attention_mask is not None:
+        types[attention_mask == 0] = -1
+    is_image = types == VISION_TOKEN_TYPE
+    prev_is_text = F.pad(types[:, :-1] == 0, (1, 0), value=True)
+    next_is_text = F.pad(types[:, 1:] == 0, (0, 1), value=True)
+    types[is_image & (prev_is_text | next_is_text)] = 0  # boi and eoi count as text
+    first_patch = (types == VISION_TOKEN_TYPE) & F.pad(types[:, :-1] == 0, (1, 0), value=False)
+    advances = (types == 0) | first_patch
+    advances[:, 0] = False
+    return advances.long().cumsum(dim=1)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, L, V) fp32, or (B, 1, V) with last_logits_only
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labelled positions
+
+
+class CogVLM(nn.Module):
+    def __init__(self, cfg: CogVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.adapter = Adapter(cfg)
+        self.llm = LanguageModel(cfg.text)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "CogVLM":
+        """Load a converted checkpoint folder (see `cogvlm.loading.load_model`)."""
+        from .loading import load_model
+
+        return load_model(path, device=device, dtype=dtype, **kwargs)
+
+    def encode_images(self, pixel_values: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, N+2, D) embeddings, boi and eoi included."""
+        return self.adapter(self.vision(pixel_values, trace), trace)
+
+    def embed(self, input_ids, token_type_ids=None, pixel_values=None, trace=None) -> torch.Tensor:
+        """Token embeddings with the image positions overwritten by the image features, row-major over the batch."""
+        x = self.llm.embed(input_ids)
+        if token_type_ids is not None and pixel_values is not None:
+            image_pos = token_type_ids == VISION_TOKEN_TYPE
+            features = self.encode_images(pixel_values, trace).to(x.dtype)
+            if image_pos.sum().item() != features.shape[0] * features.shape[1]:
+                raise ValueError(
+                    f"token_type_ids mark {image_pos.sum().item()} image positions, but {features.shape[0]} "
+                    f"image(s) give {features.shape[1]} embeddings each; each image needs exactly "
+                    f"{self.cfg.num_image_tokens} positions of token type {VISION_TOKEN_TYPE}"
+                )
+            x = x.masked_scatter(image_pos[..., None], features)
+        elif token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
+            raise ValueError("token_type_ids mark image positions but no pixel_values were given")
+        if trace is not None:
+            trace["inputs_embeds"] = x
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+        cache_pos: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+        trace: dict | None = None,
+    ) -> Output:
+        """One pass over a batch of token sequences.
+
+        input_ids, token_type_ids, attention_mask, labels: (B, L); pixel_values: (n_images, 3, S, S) for the rows
+        that hold an image, in row order. token_type_ids=None means all text. attention_mask=None means no padding;
+        with kv_caches it covers the whole cache, (B, S_max). position_ids default to `build_position_ids`.
+        `trace`, if a dict, receives every intermediate result under the names of the reference fixtures
+        (vit_patch_embed_out, vit_layer{i}_out, adapter_glu_out, adapter_out_with_boi_eoi, inputs_embeds,
+        decoder_layer{i}_out, final_norm_out).
+        """
+        if position_ids is None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            mask = attention_mask if kv_caches is None else None
+            position_ids = build_position_ids(types, mask)
+        x = self.embed(input_ids, token_type_ids, pixel_values, trace)
+        route = None if token_type_ids is None else ExpertRoute.from_token_types(token_type_ids)
+        key_valid = attention_mask
+        if kv_caches is None and attention_mask is not None and bool(attention_mask.all()):
+            key_valid = None  # no padding: plain causal attention (the flash path)
+        h = self.llm(x, position_ids, route, key_valid, kv_caches, cache_pos, trace)
+        if last_logits_only:
+            h = h[:, -1:]
+        logits = self.llm.lm_head(h).float()
+        loss = None
+        if labels is not None:
+            # Position t predicts token t+1, so shift by one; a mean over the labelled positions, as the reference.
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=IGNORE_INDEX
+            )
+        return Output(logits=logits, loss=loss)
+
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """One static cache per decoder layer, on that layer's device unless `device` is given."""
+        t = self.cfg.text
+        caches = []
+        for layer in self.llm.layers:
+            w = layer.attn.language_expert_qkv.weight
+            caches.append(
+                KVCache(batch_size, t.num_attention_heads, max_len, t.head_dim, dtype or w.dtype, device or w.device)
+            )
+        return caches

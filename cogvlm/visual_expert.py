@@ -1,0 +1,124 @@
+"""The visual expert (CogVLM paper, section 2.1, "Visual expert module").
+
+Every decoder layer holds two copies of its attention projections (QKV and output dense) and of its SwiGLU MLP:
+one for text tokens (the frozen Vicuna weights) and one for image tokens (the "visual expert", trained). Each token
+goes through exactly one copy; attention itself runs over all tokens together, so text attends to image features
+computed by the image copy and vice versa.
+
+Which copy a token uses follows the reference's mask: a position is *vision* when it and the next position both
+have token type 1. So boi and the patches take the vision expert and **eoi, the last image position, takes the
+language expert**; the last position of a sequence is always language, and so is every cached decode step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+VISION_TOKEN_TYPE = 1  # token_type_ids value of the image positions (boi, patches, eoi)
+
+
+@dataclass
+class ExpertRoute:
+    """Flat indices (into batch*length) of the tokens each expert processes, computed once per forward pass."""
+
+    vision: torch.Tensor  # (Nv,) long
+    language: torch.Tensor  # (Nl,) long
+
+    @classmethod
+    def from_token_types(cls, token_type_ids: torch.Tensor) -> "ExpertRoute | None":
+        """None when every token is text: the caller then runs the language expert on everything, no gathering."""
+        mask = vision_expert_mask(token_type_ids).flatten()
+        if not mask.any():
+            return None
+        return cls(vision=mask.nonzero().squeeze(1), language=(~mask).nonzero().squeeze(1))
+
+
+def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: True where the vision expert runs. eoi goes through the language expert, as the reference's
+    mask does, because it is the last of a run of image positions."""
+    mask = torch.zeros_like(token_type_ids, dtype=torch.bool)
+    mask[:, :-1] = (token_type_ids[:, :-1] == VISION_TOKEN_TYPE) & (token_type_ids[:, 1:] == VISION_TOKEN_TYPE)
+    return mask
+
+
+def route(x: torch.Tensor, expert_route: ExpertRoute | None, vision_fn, language_fn) -> torch.Tensor:
+    """Apply vision_fn to the vision tokens and language_fn to the others; (B, L, D_in) -> (B, L, D_out).
+
+    Gathering by index keeps the work proportional to the tokens each expert owns (no masked copies of full tensors).
+    """
+    if expert_route is None:
+        return language_fn(x)
+    B, L, _ = x.shape
+    flat = x.reshape(B * L, -1)
+    vision_idx, language_idx = expert_route.vision, expert_route.language
+    out_v = vision_fn(flat.index_select(0, vision_idx))
+    out_l = language_fn(flat.index_select(0, language_idx))
+    out = out_l.new_empty(B * L, out_l.shape[-1])
+    out.index_copy_(0, vision_idx, out_v)
+    out.index_copy_(0, language_idx, out_l)
+    return out.view(B, L, -1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, NeoX layout: the two halves of each head are the rotated pairs (not interleaved).
+
+    x: (B, H, L, hd); cos, sin: (B, 1, L, hd/2) in fp32. Computed in fp32 and cast back, so bf16 runs keep the
+    positional phase exact (the reference rounds it to bf16, which costs accuracy at long positions).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class VisualExpertAttention(nn.Module):
+    """Causal self-attention whose QKV and output projections are chosen per token by `route`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        # QKV output is laid out [q | k | v], each (heads, head_dim); no biases in CogVLM-17B's decoder.
+        self.vision_expert_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.language_expert_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.vision_expert_dense = nn.Linear(d, d, bias=False)
+        self.language_expert_dense = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, rope, expert_route, attn_mask=None, kv_cache=None, cache_pos=None) -> torch.Tensor:
+        """x: (B, L, D); rope: (cos, sin); attn_mask: (B, 1, L, S) bool, or None for plain causal attention over x
+        itself; kv_cache/cache_pos: write this step's keys and values at cache_pos and attend over the cache."""
+        B, L, _ = x.shape
+        qkv = route(x, expert_route, self.vision_expert_qkv, self.language_expert_qkv)
+        q, k, v = qkv.view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(cache_pos, k, v)  # (B, H, S, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        out = out.transpose(1, 2).reshape(B, L, -1)
+        return route(out, expert_route, self.vision_expert_dense, self.language_expert_dense)
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)), with gate and up fused into one matrix at conversion."""
+
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * d_ff, bias=False)  # [gate | up]
+        self.down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class VisualExpertMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.vision_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.language_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, expert_route: ExpertRoute | None) -> torch.Tensor:
+        return route(x, expert_route, self.vision_expert, self.language_expert)
