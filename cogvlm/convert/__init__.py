@@ -42,6 +42,8 @@ def expected_shapes(cfg: CogVLMConfig) -> dict[str, torch.Size]:
 
 
 def read_hub_config(src: Path) -> dict:
+    if not src.exists():
+        raise CheckpointError(f"checkpoint {src} does not exist")
     config = (src if src.is_dir() else src.parent) / "config.json"
     if not config.exists():
         raise CheckpointError(f"{config} not found: a hub-layout checkpoint folder holds its config.json")

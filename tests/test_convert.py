@@ -1,0 +1,236 @@
+"""Conversion and loading: layouts, round trip, atomicity, and a clear error for every kind of bad checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cogvlm.convert import CheckpointError, convert, export_hf
+from cogvlm.convert import checkpoint as ckpt
+from cogvlm.model import CogVLM
+
+FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))
+MODEL_DIR = FIXTURES / json.loads((FIXTURES / "manifest.json").read_text()).get("model_dir", "model")
+
+
+def hub_tensors() -> dict[str, torch.Tensor]:
+    return load_file(str(MODEL_DIR / "model.safetensors"))
+
+
+def write_hub_folder(folder: Path, tensors: dict[str, torch.Tensor], n_shards: int = 3, fmt: str = "safetensors",
+                     config: dict | None = None) -> Path:
+    """A folder laid out like a hub repository: config.json plus `n_shards` shards and their index.
+
+    Keys are dealt round-robin, so the two halves of every fused gate/up pair land in different shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MODEL_DIR / "config.json", folder / "config.json")
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        part = {k: tensors[k].clone() for k in names[i::n_shards]}
+        if fmt == "safetensors":
+            file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            save_file(part, str(folder / file))
+        else:
+            file = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+            torch.save(part, folder / file)
+        weight_map.update({k: file for k in part})
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file, _ in ckpt.list_shards(folder):
+        out.update(load_file(str(file)))
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    ours = convert(MODEL_DIR, tmp_path / "ours")
+    back = export_hf(ours, tmp_path / "hub")
+    assert_same_tensors(read_folder(back), hub_tensors())
+    assert json.loads((back / "config.json").read_text()) == json.loads((MODEL_DIR / "config.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_sources_give_the_same_result(tmp_path, fmt):
+    reference = read_folder(convert(MODEL_DIR, tmp_path / "single"))
+    src = write_hub_folder(tmp_path / "src", hub_tensors(), n_shards=3, fmt=fmt)
+    assert_same_tensors(read_folder(convert(src, tmp_path / "sharded")), reference)
+
+
+def test_single_bin_file_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(MODEL_DIR / "config.json", src / "config.json")
+    torch.save(hub_tensors(), src / "pytorch_model.bin")
+    reference = read_folder(convert(MODEL_DIR, tmp_path / "a"))
+    assert_same_tensors(read_folder(convert(src, tmp_path / "b")), reference)
+
+
+def test_dtype_and_output_sharding(tmp_path):
+    out = convert(MODEL_DIR, tmp_path / "bf16", dtype="bf16", max_shard_bytes=2_000_000)
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) > 1 and all(f.name.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    tensors = read_folder(out)
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    hub = hub_tensors()
+    assert torch.equal(tensors["llm.embed.weight"], hub["model.embed_tokens.weight"].bfloat16())
+    model = CogVLM.from_pretrained(out, device="cpu", dtype="bf16")
+    assert model.llm.embed.weight.dtype == torch.bfloat16
+
+
+def test_tokenizer_is_stored_with_the_weights(tmp_path):
+    tok = Path(__file__).parent / "fixtures" / "tokenizer" / "tokenizer.model"
+    out = convert(MODEL_DIR, tmp_path / "ours", tokenizer=tok)
+    assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()
+
+
+def test_existing_destination_needs_force(tmp_path):
+    out = convert(MODEL_DIR, tmp_path / "ours")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(MODEL_DIR, out)
+    convert(MODEL_DIR, out, force=True)
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = ckpt.ShardWriter.add
+
+    def failing_add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        original(self, name, tensor)
+
+    monkeypatch.setattr(ckpt.ShardWriter, "add", failing_add)
+    with pytest.raises(KeyboardInterrupt):
+        convert(MODEL_DIR, tmp_path / "ours", max_shard_bytes=1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- bad inputs: each one a clear error that names the problem, and no output folder --------------------------------
+
+def expect_error(tmp_path, src, match):
+    with pytest.raises(CheckpointError, match=match) as info:
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+    return str(info.value)
+
+
+def test_missing_shard(tmp_path):
+    src = write_hub_folder(tmp_path / "src", hub_tensors())
+    (src / "model-00002-of-00003.safetensors").unlink()
+    expect_error(tmp_path, src, "model-00002-of-00003.safetensors")
+
+
+def test_truncated_safetensors(tmp_path):
+    src = write_hub_folder(tmp_path / "src", hub_tensors())
+    shard = src / "model-00003-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    msg = expect_error(tmp_path, src, "truncated")
+    assert "model-00003-of-00003.safetensors" in msg
+
+
+def test_wrong_shape(tmp_path):
+    tensors = hub_tensors()
+    tensors["model.layers.0.self_attn.language_expert_dense.weight"] = torch.zeros(3, 3)
+    src = write_hub_folder(tmp_path / "src", tensors)
+    msg = expect_error(tmp_path, src, "shape")
+    assert "language_expert_dense" in msg
+
+
+def test_unequal_fused_halves(tmp_path):
+    tensors = hub_tensors()
+    up = "model.layers.1.mlp.vision_mlp.up_proj.weight"
+    tensors[up] = tensors[up][:-1].clone()
+    expect_error(tmp_path, write_hub_folder(tmp_path / "src", tensors), "up_proj")
+
+
+def test_unknown_key(tmp_path):
+    tensors = hub_tensors()
+    tensors["model.layers.0.self_attn.extra_bias"] = torch.zeros(4)
+    msg = expect_error(tmp_path, write_hub_folder(tmp_path / "src", tensors), "unknown")
+    assert "model.layers.0.self_attn.extra_bias" in msg
+
+
+def test_missing_key(tmp_path):
+    tensors = hub_tensors()
+    del tensors["model.vision.eoi"]
+    expect_error(tmp_path, write_hub_folder(tmp_path / "src", tensors), "model.vision.eoi")
+
+
+def test_config_of_another_model(tmp_path):
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    src = write_hub_folder(tmp_path / "src", hub_tensors(), config=config)
+    expect_error(tmp_path, src, "missing")
+
+
+class NotATensor:
+    """Stands for any pickled object; unpickling it with weights_only=True must be refused."""
+
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_bin_with_pickled_object_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(MODEL_DIR / "config.json", src / "config.json")
+    torch.save({"model.vision.boi": NotATensor()}, src / "pytorch_model.bin")
+    msg = expect_error(tmp_path, src, "weights_only")
+    assert "pytorch_model.bin" in msg
+    assert "this would have run" not in capsys.readouterr().out
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        convert(tmp_path / "src", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert(tmp_path / "nowhere", tmp_path / "out")
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+def test_loader_is_strict(tmp_path):
+    out = convert(MODEL_DIR, tmp_path / "ours")
+    shard = next(out.glob("model-*.safetensors"))
+    tensors = load_file(str(shard))
+    with pytest.raises(CheckpointError, match="hub layout"):
+        CogVLM.from_pretrained(MODEL_DIR, device="cpu")
+
+    save_file({**tensors, "llm.extra": torch.zeros(1)}, str(shard))
+    with pytest.raises(CheckpointError, match="llm.extra"):
+        CogVLM.from_pretrained(out, device="cpu")
+
+    del tensors["llm.norm.weight"]
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="llm.norm.weight"):
+        CogVLM.from_pretrained(out, device="cpu")
+
+
+def test_loaded_model_has_no_meta_tensors(tmp_path):
+    model = CogVLM.from_pretrained(convert(MODEL_DIR, tmp_path / "ours"), device="cpu")
+    assert not any(p.is_meta for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32  # CPU default
+    with safe_open(str(next((tmp_path / "ours").glob("model-*.safetensors"))), "pt") as f:
+        assert torch.equal(model.adapter.boi, f.get_tensor("adapter.boi"))
