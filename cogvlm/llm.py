@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
 from .visual_expert import ExpertRoute, VisualExpertAttention, VisualExpertMLP
@@ -85,6 +86,7 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of storing its activations
 
     def forward(
         self,
@@ -109,7 +111,10 @@ class LanguageModel(nn.Module):
             mask = attention_mask(cache_pos, key_valid, kv_caches[0].k.shape[2])
         for i, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[i]
-            x = layer(x, rope, expert_route, mask, cache, cache_pos)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, expert_route, mask, cache, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, rope, expert_route, mask, cache, cache_pos)
             if trace is not None:
                 trace[f"decoder_layer{i}_out"] = x
         x = self.norm(x)

@@ -71,7 +71,7 @@ class CogVLM(nn.Module):
         x = self.llm.embed(input_ids)
         if token_type_ids is not None and pixel_values is not None:
             image_pos = token_type_ids == VISION_TOKEN_TYPE
-            features = self.encode_images(pixel_values, trace).to(x.dtype)
+            features = self.encode_images(pixel_values, trace).to(device=x.device, dtype=x.dtype)
             if image_pos.sum().item() != features.shape[0] * features.shape[1]:
                 raise ValueError(
                     f"token_type_ids mark {image_pos.sum().item()} image positions, but {features.shape[0]} "

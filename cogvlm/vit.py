@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
 
@@ -77,13 +78,17 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbedding(cfg)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing its activations
 
     def forward(self, images: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         x = self.patch_embed(images)
         if trace is not None:
             trace["vit_patch_embed_out"] = x
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             if trace is not None:
                 trace[f"vit_layer{i}_out"] = x
         if trace is not None:
