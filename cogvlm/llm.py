@@ -101,12 +101,14 @@ class LanguageModel(nn.Module):
         """(B, L, D) input embeddings -> (B, L, D) final-norm output (apply `lm_head` for logits).
 
         Without kv_caches, attention is over x itself; key_valid (B, L) marks padding, None means no padding.
-        With kv_caches, the new keys go to slots cache_pos (L,) and key_valid (B, S_max) covers the whole cache.
+        With kv_caches, the new keys go to slots cache_pos (L,) and key_valid (B, S_max) says which cache slots hold
+        real tokens; key_valid=None then means "an unpadded prompt written to empty caches from slot 0".
         """
         rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        if kv_caches is None:
-            L = x.shape[1]
-            mask = None if key_valid is None else attention_mask(torch.arange(L, device=x.device), key_valid, L)
+        if key_valid is None:
+            mask = None  # no padding and (with caches) a prefill into empty caches: causal attention over x
+        elif kv_caches is None:
+            mask = attention_mask(torch.arange(x.shape[1], device=x.device), key_valid, x.shape[1])
         else:
             mask = attention_mask(cache_pos, key_valid, kv_caches[0].k.shape[2])
         for i, layer in enumerate(self.layers):

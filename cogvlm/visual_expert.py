@@ -88,14 +88,17 @@ class VisualExpertAttention(nn.Module):
         self.language_expert_dense = nn.Linear(d, d, bias=False)
 
     def forward(self, x, rope, expert_route, attn_mask=None, kv_cache=None, cache_pos=None) -> torch.Tensor:
-        """x: (B, L, D); rope: (cos, sin); attn_mask: (B, 1, L, S) bool, or None for plain causal attention over x
-        itself; kv_cache/cache_pos: write this step's keys and values at cache_pos and attend over the cache."""
+        """x: (B, L, D); rope: (cos, sin); attn_mask: (B, 1, L, S) bool over the cache (or over x without one), or
+        None for plain causal attention over x itself (the flash-attention path); kv_cache/cache_pos: write this
+        step's keys and values at slots cache_pos, and attend over the whole cache when a mask is given."""
         B, L, _ = x.shape
         qkv = route(x, expert_route, self.vision_expert_qkv, self.language_expert_qkv)
         q, k, v = qkv.view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(cache_pos, k, v)  # (B, H, S, hd)
+            cached_k, cached_v = kv_cache.update(cache_pos, k, v)  # (B, H, S_max, hd)
+            if attn_mask is not None:  # otherwise: an unpadded prefill into an empty cache, causal over x itself
+                k, v = cached_k, cached_v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         out = out.transpose(1, 2).reshape(B, L, -1)
         return route(out, expert_route, self.vision_expert_dense, self.language_expert_dense)
