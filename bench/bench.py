@@ -1,0 +1,246 @@
+"""Speed of full-size CogVLM on one GPU, each figure next to its physical limit on the same card.
+
+    python bench/bench.py [--preset cogvlm-chat-hf] [--text-tokens 24] [--decode-steps 128] [--json OUT.json]
+    python bench/bench.py --accuracy        # bf16 vs fp32 logits (32 decoder + 24 ViT layers, 300 text tokens)
+
+Random bf16 weights are made on the GPU (no checkpoint). The card's ceilings are measured in the same run: a
+device-to-device copy (bytes read + written) and a bf16 8192^3 matrix product. Limits: a batch-1 decode step must
+read the language-path weights once (+ the KV cache), so its floor is bytes / copy bandwidth; the prefill floor is
+its FLOPs / matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.random_weights import param_bytes, random_model  # noqa: E402
+from cogvlm.config import CogVLMConfig  # noqa: E402
+from cogvlm.generate import DecodeSession  # noqa: E402
+from cogvlm.model import CogVLM  # noqa: E402
+
+
+def cuda_time(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds of fn() between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), warmup=3, iters=10)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / cuda_time(lambda: a @ b, warmup=3, iters=10)
+
+
+def make_prompt(cfg: CogVLMConfig, batch: int, text_tokens: int, seed: int = 0):
+    """[bos, image placeholders, text] rows with random text ids, and random normalised pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = cfg.num_image_tokens
+    text = torch.randint(100, cfg.text.vocab_size, (batch, text_tokens), generator=g)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.zeros(batch, n_img, dtype=torch.long), text], 1)
+    types = torch.zeros_like(ids)
+    types[:, 1 : 1 + n_img] = 1
+    size = cfg.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    return ids.cuda(), types.cuda(), pixels.cuda().bfloat16()
+
+
+def language_path_bytes(model: CogVLM) -> int:
+    """Weights a text-only decode step reads: language experts, norms, lm_head (not the embedding table)."""
+    total = param_bytes(model.llm.lm_head) + param_bytes(model.llm.norm)
+    for layer in model.llm.layers:
+        a = layer.attn
+        for m in (a.language_expert_qkv, a.language_expert_dense, layer.mlp.language_expert, layer.attn_norm,
+                  layer.mlp_norm):
+            total += param_bytes(m)
+    return total
+
+
+def prefill_flops(model: CogVLM, ids: torch.Tensor) -> float:
+    """2 * active parameters * tokens (+ attention) for the ViT and the decoder at this prompt."""
+    cfg = model.cfg
+    B, L = ids.shape
+    n_vit = cfg.vision.num_patches + 1
+    vit = 2 * sum(p.numel() for p in model.vision.layers.parameters()) * n_vit * B
+    vit += 4 * cfg.vision.num_hidden_layers * n_vit**2 * cfg.vision.hidden_size * B
+    per_layer_lang = sum(p.numel() for p in (model.llm.layers[0].attn.language_expert_qkv.weight,
+                                             model.llm.layers[0].attn.language_expert_dense.weight))
+    per_layer_lang += sum(p.numel() for p in model.llm.layers[0].mlp.language_expert.parameters())
+    llm = 2 * per_layer_lang * cfg.text.num_hidden_layers * L * B  # each token uses one expert of equal size
+    llm += 2 * cfg.text.num_hidden_layers * L**2 * cfg.text.hidden_size * B  # causal QK^T and PV
+    adapter = 2 * sum(p.numel() for p in model.adapter.parameters()) * cfg.vision.num_patches * B
+    return vit + llm + adapter + 2 * cfg.text.hidden_size * cfg.text.vocab_size * B
+
+
+def generate(model, ids, types, pixels, new_tokens: int, session: DecodeSession | None = None) -> torch.Tensor:
+    """Greedy, no early stop: prefill + new_tokens - 1 steps. Returns the token ids (B, new_tokens)."""
+    B, L = ids.shape
+    session = session or DecodeSession(model, B, L + new_tokens)
+    tok = session.prefill(ids, types, pixel_values=pixels).argmax(-1)
+    out = [tok]
+    for _ in range(new_tokens - 1):
+        tok = session.step(tok).argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1)
+
+
+def run_speed(args) -> dict:
+    r: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset}
+    r["copy_GBps"] = copy_bandwidth() / 1e9
+    r["matmul_TFLOPs"] = matmul_rate() / 1e12
+    cfg = CogVLMConfig.from_name(args.preset)
+    model = random_model(cfg)
+    r["weights_GB"] = param_bytes(model) / 1e9
+    r["lang_path_GB"] = language_path_bytes(model) / 1e9
+
+    ids, types, pixels = make_prompt(cfg, 1, args.text_tokens)
+    L = ids.shape[1]
+    r["prompt_tokens"] = L
+    with torch.no_grad():
+        r["vit_ms"] = cuda_time(lambda: model.encode_images(pixels)) * 1e3
+        session = DecodeSession(model, 1, L + args.decode_steps)
+        r["ttft_ms"] = cuda_time(lambda: session.prefill(ids, types, pixel_values=pixels).argmax(-1)) * 1e3
+        r["prefill_TFLOP"] = prefill_flops(model, ids) / 1e12
+        r["ttft_floor_ms"] = r["prefill_TFLOP"] / r["matmul_TFLOPs"] * 1e3
+
+        kv_bytes_per_token = 2 * cfg.text.num_hidden_layers * cfg.text.hidden_size * 2
+        for batch in args.batches:
+            ids_b, types_b, pixels_b = make_prompt(cfg, batch, args.text_tokens)
+            torch.cuda.reset_peak_memory_stats()
+            session = DecodeSession(model, batch, L + args.decode_steps + 1)
+            session.prefill(ids_b, types_b, pixel_values=pixels_b)
+            tok = torch.zeros(batch, dtype=torch.long, device="cuda")
+            session.step(tok)  # captures the graph
+
+            def steps(n=args.decode_steps - 8):
+                session.length = L + 1  # rewind the host counter; slots past the prompt are simply rewritten
+                session.cache_pos.fill_(L + 1)
+                for _ in range(n):
+                    session.step(tok)
+
+            t = cuda_time(steps, warmup=1, iters=3) / (args.decode_steps - 8)
+            r[f"decode_b{batch}_tok_s"] = batch / t
+            ctx = L + args.decode_steps
+            step_bytes = r["lang_path_GB"] * 1e9 + batch * ctx * kv_bytes_per_token
+            r[f"decode_b{batch}_GBps"] = step_bytes / t / 1e9
+            r[f"decode_b{batch}_floor_tok_s"] = batch / (step_bytes / (r["copy_GBps"] * 1e9))
+            r[f"peak_b{batch}_GB"] = torch.cuda.max_memory_allocated() / 1e9  # weights included
+            r[f"kv_b{batch}_GB"] = batch * (L + args.decode_steps + 1) * kv_bytes_per_token / 1e9
+            del session
+
+        # captioning: batch 32, prefill + 64 new tokens per image, end to end
+        ids_c, types_c, pixels_c = make_prompt(cfg, args.caption_batch, args.text_tokens, seed=1)
+        session = DecodeSession(model, args.caption_batch, L + args.caption_tokens)
+        torch.cuda.reset_peak_memory_stats()
+
+        def caption():
+            session.length = 0
+            session.key_valid.zero_()
+            generate(model, ids_c, types_c, pixels_c, args.caption_tokens, session)
+
+        t = cuda_time(caption, warmup=1, iters=3)
+        r["caption_images_s"] = args.caption_batch / t
+        r["caption_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    return r
+
+
+def run_accuracy(args) -> dict:
+    """Our bf16 logits against our fp32 logits of the same weights (issue 7's protocol)."""
+    cfg = CogVLMConfig.from_name(args.preset)
+    cfg.text.num_hidden_layers, cfg.vision.num_hidden_layers = 32, 24
+    model = random_model(cfg, dtype=torch.float32, seed=1)
+    ids, types, pixels = make_prompt(cfg, 1, 300, seed=2)
+    with torch.no_grad():
+        ref = model(ids, types, pixel_values=pixels.float()).logits[0]
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+        out = model(ids, types, pixel_values=pixels).logits[0]
+    text = types[0] == 0
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {
+        "card": torch.cuda.get_device_name(),
+        "rel_err_all": rel(out, ref),
+        "rel_err_text": rel(out[text], ref[text]),
+        "top1_agree_text": (out[text].argmax(-1) == ref[text].argmax(-1)).float().mean().item(),
+        "text_positions": int(text.sum()),
+    }
+
+
+def print_table(r: dict) -> None:
+    rows = [("card", r.get("card"), "")]
+    if "rel_err_text" in r:
+        rows += [
+            ("bf16 vs fp32 rel. error, all", f"{r['rel_err_all'] * 100:.2f} %", "reference 2.0 % (4.6 % as shipped)"),
+            ("bf16 vs fp32 rel. error, text", f"{r['rel_err_text'] * 100:.2f} %", "target <= 2.1 %"),
+            ("top-1 agreement, text", f"{r['top1_agree_text'] * 100:.1f} %", "target >= 98 %"),
+        ]
+    else:
+        rows += [
+            ("copy bandwidth (measured)", f"{r['copy_GBps']:.0f} GB/s", ""),
+            ("bf16 matmul 8192^3 (measured)", f"{r['matmul_TFLOPs']:.0f} TFLOP/s", ""),
+            ("weights / language path", f"{r['weights_GB']:.1f} / {r['lang_path_GB']:.1f} GB", ""),
+            ("ViT (one image)", f"{r['vit_ms']:.1f} ms", "reference 30 ms"),
+            ("time to first token", f"{r['ttft_ms']:.1f} ms",
+             f"floor {r['ttft_floor_ms']:.1f} ms ({r['prefill_TFLOP']:.1f} TFLOP); ref 160 ms; target <= 55"),
+        ]
+        for b in r.get("batches", []):
+            rows.append((f"decode batch {b}", f"{r[f'decode_b{b}_tok_s']:.1f} tok/s",
+                         f"floor {r[f'decode_b{b}_floor_tok_s']:.1f} tok/s; {r[f'decode_b{b}_GBps']:.0f} GB/s"))
+            rows.append((f"peak memory batch {b}", f"{r[f'peak_b{b}_GB']:.1f} GB",
+                         f"weights + KV = {r['weights_GB'] + r[f'kv_b{b}_GB']:.1f} GB"))
+        rows.append(("captioning batch 32, 64 tokens", f"{r['caption_images_s']:.2f} images/s",
+                     "target >= 12; reference ~1.3 (batch 8)"))
+    w = max(len(a) for a, _, _ in rows)
+    for a, b, c in rows:
+        print(f"| {a:<{w}} | {b:>20} | {c}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cogvlm-chat-hf")
+    ap.add_argument("--text-tokens", type=int, default=24)
+    ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--caption-batch", type=int, default=32)
+    ap.add_argument("--caption-tokens", type=int, default=64)
+    ap.add_argument("--accuracy", action="store_true", help="bf16 vs fp32 logits instead of speed")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32 (the conv too)
+    torch.backends.cudnn.allow_tf32 = False
+    r = run_accuracy(args) if args.accuracy else run_speed(args)
+    r["batches"] = args.batches
+    r["date"] = time.strftime("%Y-%m-%d")
+    r["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    r["command"] = " ".join(sys.argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    print_table(r)
+
+
+if __name__ == "__main__":
+    main()
