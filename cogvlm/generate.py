@@ -1,9 +1,18 @@
-"""Cached decoding: prefill the prompt once, then one token per step against a preallocated (static) KV cache."""
+"""Generation: prefill the prompt once, then one token per step against a preallocated (static) KV cache.
+
+`DecodeSession` holds the cache; `generate_tokens` is the decode loop (greedy or sampled, with Hugging Face's logits
+processors, batches with left padding whose rows finish independently); `generate` collects its token ids. Text,
+stop strings and streaming live in `cogvlm.chat`.
+"""
 from __future__ import annotations
+
+import secrets
+from typing import Iterator
 
 import torch
 
 from .model import CogVLM, build_position_ids
+from .visual_expert import VISION_TOKEN_TYPE
 
 
 class DecodeSession:
@@ -113,3 +122,188 @@ class DecodeSession:
     def last_positions(self) -> torch.Tensor:
         """(B,) rotary position of the last token fed."""
         return self.next_pos[:, 0] - 1
+
+
+# -- Logits processors, with the semantics and in the order of Hugging Face's generate() ---------------------------
+# Each takes the last-position logits (B, V) and returns new logits; the input is never modified in place (with a CUDA
+# graph it is the graph's static output buffer).
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's RepetitionPenaltyLogitsProcessor: the logit of every id already present (prompt included; `seen` is a
+    (B, V) bool mask) is divided by `penalty` where positive and multiplied by it where negative."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """HF's TopKLogitsWarper (min_tokens_to_keep=1): keep the k largest logits, ties with the k-th one included."""
+    k = min(max(k, 1), logits.shape[-1])
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """HF's TopPLogitsWarper (min_tokens_to_keep=1): keep the smallest set of most likely ids whose probability sums
+    to at least p. As HF: sort ascending and drop the ids whose cumulative probability is <= 1 - p."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+    remove[..., -1] = False  # the most likely id always stays
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def process_logits(logits, seen, *, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0):
+    """HF's order: repetition penalty (greedy too), then for sampling temperature, top-k, top-p. Neutral values
+    (penalty 1, temperature 1, top_k 0, top_p 1) are skipped, as HF does."""
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if do_sample:
+        if temperature != 1.0:
+            logits = logits / temperature
+        if top_k:
+            logits = apply_top_k(logits, top_k)
+        if top_p < 1.0:
+            logits = apply_top_p(logits, top_p)
+    return logits
+
+
+def check_sampling(temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy decoding)")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {top_k!r}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
+
+
+def row_generators(batch_size: int, seed: int | None, device) -> list[torch.Generator]:
+    """One generator per row, all seeded alike: a row's samples then depend on its own logits and the seed only, so
+    a batch samples exactly what each conversation would alone. Without a seed each row draws a fresh one."""
+    seeds = [seed if seed is not None else secrets.randbits(63) for _ in range(batch_size)]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+# -- The decode loop ------------------------------------------------------------------------------------------------
+
+
+def generate_tokens(
+    model: CogVLM,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    finished: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """An iterator over the next token of every row, (B,) on the model's device, one step at a time.
+
+    Inputs are a left-padded batch as `cogvlm.prompt.pad_batch` makes it (B, L); pixel_values (n, 3, S, S) hold one
+    image per row that has image positions, in row order. max_new_tokens=None means as many as fit in
+    max_position_embeddings. A row is finished after its eos, or once the caller sets `finished[row]` (a (B,) bool CPU
+    tensor; the text layer does so at stop strings). Finished rows yield (and keep feeding) pad_id so the batch stays
+    rectangular; the loop ends when every row is finished or after max_new_tokens steps.
+    Sampling follows HF's generate(): greedy unless do_sample; top_k=50 is HF's default.
+    Every check happens here, at the call, before any compute; the decoding starts with the iteration.
+    """
+    text = model.cfg.text
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    B, L = input_ids.shape
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.view(B, L)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.view(B, L)
+    check_images(model, token_type_ids, pixel_values)
+    room = text.max_position_embeddings - L
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = room if max_new_tokens is None else max_new_tokens
+    if max_new_tokens > room:
+        raise ValueError(
+            f"the prompt is {L} tokens (an image takes {model.cfg.num_image_tokens}) and {max_new_tokens} new tokens "
+            f"are asked for: more than the model's max_position_embeddings ({text.max_position_embeddings}); "
+            "shorten the query or history" + (f", or ask for at most {room} new tokens" if room > 0 else "")
+        )
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+    return _decode(
+        model, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+        text.eos_token_id if eos_id is None else eos_id,
+        text.pad_token_id if pad_id is None else pad_id,
+        torch.zeros(B, dtype=torch.bool) if finished is None else finished,
+        seed, sampling,
+    )
+
+
+@torch.no_grad()
+def _decode(model, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, eos_id, pad_id, finished,
+            seed, sampling) -> Iterator[torch.Tensor]:
+    B, L = input_ids.shape
+    session = DecodeSession(model, B, L + max_new_tokens)
+    if pixel_values is not None:
+        vision_param = next(model.vision.parameters())
+        pixel_values = pixel_values.to(device=vision_param.device, dtype=vision_param.dtype)
+    logits = session.prefill(input_ids, token_type_ids, attention_mask, pixel_values)
+    device = logits.device
+    rows = torch.arange(B, device=device)
+    # Ids already present, for the repetition penalty. HF counts every prompt id (the image placeholders too) but,
+    # unlike HF, never the left padding: a row is then penalised the same in a batch as alone.
+    seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+    b, t = attention_mask.bool().nonzero(as_tuple=True)
+    seen[b.to(device), input_ids[b, t].to(device)] = True
+    generators = row_generators(B, seed, device) if sampling["do_sample"] else None
+
+    for step in range(max_new_tokens):
+        scores = process_logits(logits, seen, **sampling)
+        if generators:
+            probs = scores.softmax(-1)
+            tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        else:
+            tokens = scores.argmax(-1)
+        tokens = tokens.masked_fill(finished.to(device), pad_id)
+        yield tokens
+        finished |= (tokens == eos_id).cpu()
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        seen[rows, tokens] = True
+        logits = session.step(tokens)
+
+
+def generate(model: CogVLM, input_ids, token_type_ids=None, attention_mask=None, pixel_values=None,
+             **kwargs) -> list[list[int]]:
+    """The new token ids of every row, each list ending with eos when one came (keywords: `generate_tokens`)."""
+    eos_id = model.cfg.text.eos_token_id if kwargs.get("eos_id") is None else kwargs["eos_id"]
+    out: list[list[int]] = [[] for _ in range(1 if input_ids.dim() == 1 else input_ids.shape[0])]
+    done = [False] * len(out)
+    for tokens in generate_tokens(model, input_ids, token_type_ids, attention_mask, pixel_values, **kwargs):
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token == eos_id
+    return out
+
+
+def check_images(model: CogVLM, token_type_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+    """At most one image per conversation, as in the reference; pixel_values must hold one per row that has one."""
+    per_image = model.cfg.num_image_tokens
+    counts = (token_type_ids == VISION_TOKEN_TYPE).sum(dim=1).tolist()
+    for row, n in enumerate(counts):
+        if n not in (0, per_image):
+            raise ValueError(
+                f"row {row} has {n} image positions; CogVLM takes at most one image per conversation "
+                f"({per_image} positions of token type {VISION_TOKEN_TYPE})"
+            )
+    with_image = sum(n > 0 for n in counts)
+    given = 0 if pixel_values is None else pixel_values.shape[0]
+    if given != with_image:
+        raise ValueError(f"{with_image} row(s) have an image but pixel_values holds {given} image(s)")

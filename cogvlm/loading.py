@@ -1,7 +1,8 @@
-"""Loading a converted checkpoint: build the model on the meta device, then put each tensor straight in its place.
+"""Loading a checkpoint: build the model on the meta device, then put each tensor straight in its place.
 
-No full copy of the model is ever materialised in RAM: safetensors shards are memory-mapped and each tensor is read
-onto its target device (a GPU directly, where asked) and cast there.
+`path` may be a hub id, a local hub-layout folder (both converted once into a cache, see `cogvlm.hub`) or a converted
+folder. No full copy of the model is ever materialised in RAM: safetensors shards are memory-mapped and each tensor
+is read onto its target device (a GPU directly, where asked) and cast there.
 """
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 from torch import nn
 
 from .config import CONFIG_FILE, CogVLMConfig
+from .convert import TOKENIZER_FILE
 from .convert.checkpoint import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
+from .hub import resolve
 from .model import CogVLM
+from .tokenizer import Tokenizer
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -23,18 +27,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(path: str | Path, device=None, dtype=None) -> CogVLM:
-    """A `CogVLM` with the weights of the converted checkpoint folder `path`, in eval mode, gradients off.
+def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None) -> CogVLM:
+    """A `CogVLM` with the weights of `path` (hub id, hub-layout or converted folder), in eval mode, gradients off.
 
+    `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
+    a new conversion); by default the checkpoint's own. The model gets `model.tokenizer` (None when there is none).
     Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
     """
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        if (path / "config.json").exists():
-            raise CheckpointError(
-                f"{path} is in the hub layout; convert it first: python -m cogvlm convert {path} CONVERTED_DIR"
-            )
-        raise CheckpointError(f"{path} is not a cogvlm checkpoint folder (no {CONFIG_FILE})")
+    path = resolve(path, revision=revision, tokenizer=tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or default_dtype(device)
     cfg = CogVLMConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
@@ -60,6 +60,10 @@ def load_model(path: str | Path, device=None, dtype=None) -> CogVLM:
     missing = sorted(expected.keys() - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
+    tok_file = Path(tokenizer) if tokenizer else path / TOKENIZER_FILE
+    if tokenizer and not tok_file.exists():
+        raise CheckpointError(f"tokenizer file {tok_file} does not exist")
+    model.tokenizer = Tokenizer(tok_file) if tok_file.exists() else None
     return model.eval()
 
 

@@ -138,3 +138,30 @@ class CogVLM(nn.Module):
                 KVCache(batch_size, t.num_attention_heads, max_len, t.head_dim, dtype or w.dtype, device or w.device)
             )
         return caches
+
+    # -- generation and chat: thin wrappers over cogvlm.generate and cogvlm.chat -------------------------------------
+    # `from_pretrained` sets `self.tokenizer` (a cogvlm.tokenizer.Tokenizer) when the checkpoint has one.
+
+    def generate(self, input_ids, token_type_ids=None, attention_mask=None, pixel_values=None, **kwargs):
+        """New token ids per row (list of lists, each ending with eos when one came); see `cogvlm.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, token_type_ids, attention_mask, pixel_values, **kwargs)
+
+    def chat(self, image, query: str, history=None, template: str | None = None, **kwargs) -> str:
+        """The answer to `query` about `image` (path, bytes, PIL image, or None); see `cogvlm.chat`."""
+        from .chat import chat
+
+        return chat(self, image, query, history, template, **kwargs)
+
+    def stream_chat(self, image, query: str, history=None, template: str | None = None, **kwargs):
+        """The same answer as `chat`, yielded piece by piece as it is generated."""
+        from .chat import stream_chat
+
+        return stream_chat(self, image, query, history, template, **kwargs)
+
+    def chat_batch(self, images, queries, histories=None, template=None, **kwargs) -> list[str]:
+        """Answers to many conversations at once (e.g. captioning), each equal to `chat` on it alone."""
+        from .chat import chat_batch
+
+        return chat_batch(self, images, queries, histories, template, **kwargs)
