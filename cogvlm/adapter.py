@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CogVLMConfig
+from .visual_expert import silu_gate
 
 
 class Adapter(nn.Module):
@@ -27,8 +28,7 @@ class Adapter(nn.Module):
     def glu(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, D_vit) patch features (cls already dropped) -> (B, N, D)."""
         x = F.gelu(self.norm(self.proj(patches)))
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_gate(self.gate_up(x)))
 
     def forward(self, vit_out: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """(B, 1+N, D_vit) ViT output, cls first -> (B, N+2, D) image embeddings with boi and eoi."""

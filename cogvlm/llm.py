@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
+from .fusion import fused
 from .visual_expert import ExpertRoute, VisualExpertAttention, VisualExpertMLP
 
 
@@ -20,11 +21,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32 whatever the model dtype, and cast back only after the weight multiply, as Llama's reference does:
-        # casting before the multiply gives visibly different bf16 outputs.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In fp32 whatever the model dtype, and cast back only after the weight multiply, as Llama's reference does:
+    # casting before the multiply gives visibly different bf16 outputs.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

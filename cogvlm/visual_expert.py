@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .fusion import fused
 
 VISION_TOKEN_TYPE = 1  # token_type_ids value of the image positions (boi, patches, eoi)
 
@@ -28,6 +29,7 @@ class ExpertRoute:
 
     vision: torch.Tensor  # (Nv,) long
     language: torch.Tensor  # (Nl,) long
+    inverse: torch.Tensor  # (Nv+Nl,) where each token sits in cat(vision tokens, language tokens)
 
     @classmethod
     def from_token_types(cls, token_type_ids: torch.Tensor) -> "ExpertRoute | None":
@@ -35,7 +37,8 @@ class ExpertRoute:
         mask = vision_expert_mask(token_type_ids).flatten()
         if not mask.any():
             return None
-        return cls(vision=mask.nonzero().squeeze(1), language=(~mask).nonzero().squeeze(1))
+        vision, language = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+        return cls(vision=vision, language=language, inverse=torch.cat([vision, language]).argsort())
 
 
 def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -58,12 +61,11 @@ def route(x: torch.Tensor, expert_route: ExpertRoute | None, vision_fn, language
     vision_idx, language_idx = expert_route.vision, expert_route.language
     out_v = vision_fn(flat.index_select(0, vision_idx))
     out_l = language_fn(flat.index_select(0, language_idx))
-    out = out_l.new_empty(B * L, out_l.shape[-1])
-    out.index_copy_(0, vision_idx, out_v)
-    out.index_copy_(0, language_idx, out_l)
-    return out.view(B, L, -1)
+    # Back to token order with one gather (GPU gathers are much faster than the equivalent two scatters).
+    return torch.cat([out_v, out_l]).index_select(0, expert_route.inverse).view(B, L, -1)
 
 
+@fused
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, NeoX layout: the two halves of each head are the rotated pairs (not interleaved).
 
@@ -113,8 +115,14 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_gate(self.gate_up(x)))
+
+
+@fused
+def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate | up] -> silu(gate) * up, the SwiGLU nonlinearity."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class VisualExpertMLP(nn.Module):

@@ -1,6 +1,8 @@
 """Shared test helpers: the parity tests record their worst errors here and pytest prints them at the end."""
 from __future__ import annotations
 
+import pytest
+
 WORST: dict[str, tuple[float, float]] = {}  # check name -> (max abs error, max abs error / max |expected|)
 
 
@@ -18,3 +20,10 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"{len(WORST)} compared tensors")
     terminalreporter.write_line(f"worst absolute error: {worst_abs[1][0]:.3g} at {worst_abs[0]}")
     terminalreporter.write_line(f"worst relative error (|diff| / max|expected|): {worst_rel[1][1]:.3g} at {worst_rel[0]}")
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path_factory, monkeypatch):
+    """Tests never write to the user's ~/.cache nor reach the network for the hub."""
+    monkeypatch.setenv("COGVLM_CACHE", str(tmp_path_factory.getbasetemp() / "cogvlm-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -215,9 +215,6 @@ def test_loader_is_strict(tmp_path):
     out = convert(MODEL_DIR, tmp_path / "ours")
     shard = next(out.glob("model-*.safetensors"))
     tensors = load_file(str(shard))
-    with pytest.raises(CheckpointError, match="hub layout"):
-        CogVLM.from_pretrained(MODEL_DIR, device="cpu")
-
     save_file({**tensors, "llm.extra": torch.zeros(1)}, str(shard))
     with pytest.raises(CheckpointError, match="llm.extra"):
         CogVLM.from_pretrained(out, device="cpu")
