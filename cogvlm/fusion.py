@@ -2,7 +2,7 @@
 
 In eager PyTorch each of these is 5-10 separate kernels; at batch-1 decoding they cost more time than reading the
 weights. `fused(fn)` returns a drop-in for a pure tensor function that runs `torch.compile(fn, dynamic=True)` on
-CUDA tensors (one generated kernel, compiled once for all shapes and reused by every layer) and the plain function
+small CUDA tensors (one generated kernel, compiled once for all shapes and reused by every layer) and the plain function
 everywhere else. If compilation is unavailable (no Triton, say) it warns once and stays eager. Set COGVLM_COMPILE=0
 to turn it off. The model files call these functions like any other; they never see the compiler.
 """
@@ -15,6 +15,12 @@ import warnings
 import torch
 
 
+# Fuse only small tensors (decode steps, up to batch ~32): there the separate kernels are launch-bound and the
+# compiled kernel runs inside the decode step's CUDA graph. For a long prefill the eager kernels are already
+# bandwidth-bound, and the compiled function's per-call guard checks on the host would cost more than they save.
+MAX_FUSED_NUMEL = 2**20
+
+
 def fused(fn):
     compiled = None
     enabled = os.environ.get("COGVLM_COMPILE", "1") != "0"
@@ -22,7 +28,7 @@ def fused(fn):
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args):
         nonlocal compiled, enabled
-        if not (enabled and x.is_cuda):
+        if not (enabled and x.is_cuda and x.numel() <= MAX_FUSED_NUMEL):
             return fn(x, *args)
         try:
             if compiled is None:

@@ -64,7 +64,7 @@ class DecodeSession:
             pixel_values,
             position_ids.to(device),
             kv_caches=self.caches,
-            cache_pos=torch.arange(L, device=device),
+            cache_pos=0,  # the prompt fills slots 0..L-1
             last_logits_only=True,
         )
         self.length = L

@@ -6,6 +6,7 @@ The attention and MLP of each layer live in `visual_expert.py`, because each tok
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,16 +29,16 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # In fp32 whatever the model dtype, and cast back only after the weight multiply, as Llama's reference does:
     # casting before the multiply gives visibly different bf16 outputs.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf).to(x.dtype)
+    return (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps)).to(x.dtype)  # x * rsqrt(mean(x^2) + eps)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) position ids -> cos, sin of shape (B, 1, L, head_dim/2), fp32; angle = pos / theta^(2j/head_dim)."""
+    """(B, L) position ids -> cos, sin of shape (B, L, 1, 1, head_dim/2), fp32; angle = pos / theta^(2j/head_dim).
+
+    The two singleton axes broadcast over (q|k, heads) of the projected (B, L, 2, H, head_dim) queries and keys."""
     exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponent)
-    angles = position_ids[:, None, :, None].float() * inv_freq
+    angles = position_ids[:, :, None, None, None].float() * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -65,9 +66,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
+    def update(self, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H, L, hd) keys/values at slots `pos`: a tensor of L slots (graph-safe: no host value), or an
+        int, the first of L consecutive slots (a plain slice copy, much faster for a long prompt)."""
+        if isinstance(pos, int):
+            self.k[:, :, pos : pos + k.shape[2]].copy_(k)
+            self.v[:, :, pos : pos + k.shape[2]].copy_(v)
+        else:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
         return self.k, self.v
 
 
@@ -101,13 +108,13 @@ class LanguageModel(nn.Module):
         expert_route: ExpertRoute | None = None,
         key_valid: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
-        cache_pos: torch.Tensor | None = None,
+        cache_pos: torch.Tensor | int | None = None,
         trace: dict | None = None,
     ) -> torch.Tensor:
         """(B, L, D) input embeddings -> (B, L, D) final-norm output (apply `lm_head` for logits).
 
         Without kv_caches, attention is over x itself; key_valid (B, L) marks padding, None means no padding.
-        With kv_caches, the new keys go to slots cache_pos (L,) and key_valid (B, S_max) says which cache slots hold
+        With kv_caches, the new keys go to slots cache_pos ((L,) tensor, or int first slot) and key_valid (B, S_max) says which cache slots hold
         real tokens; key_valid=None then means "an unpadded prompt written to empty caches from slot 0".
         """
         rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
@@ -116,7 +123,9 @@ class LanguageModel(nn.Module):
         elif kv_caches is None:
             mask = attention_mask(torch.arange(x.shape[1], device=x.device), key_valid, x.shape[1])
         else:
-            mask = attention_mask(cache_pos, key_valid, kv_caches[0].k.shape[2])
+            query_slots = torch.arange(cache_pos, cache_pos + x.shape[1], device=x.device) if isinstance(
+                cache_pos, int) else cache_pos
+            mask = attention_mask(query_slots, key_valid, kv_caches[0].k.shape[2])
         for i, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

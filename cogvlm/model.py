@@ -94,7 +94,7 @@ class CogVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
-        cache_pos: torch.Tensor | None = None,
+        cache_pos: torch.Tensor | int | None = None,
         last_logits_only: bool = False,
         trace: dict | None = None,
     ) -> Output:

@@ -69,8 +69,8 @@ def route(x: torch.Tensor, expert_route: ExpertRoute | None, vision_fn, language
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, NeoX layout: the two halves of each head are the rotated pairs (not interleaved).
 
-    x: (B, H, L, hd); cos, sin: (B, 1, L, hd/2) in fp32. Computed in fp32 and cast back, so bf16 runs keep the
-    positional phase exact (the reference rounds it to bf16, which costs accuracy at long positions).
+    x: (B, L, ..., hd); cos, sin: (B, L, 1, 1, hd/2) in fp32. Computed in fp32 and cast back, so bf16 runs keep
+    the positional phase exact (the reference rounds it to bf16, which costs accuracy at long positions).
     """
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -92,11 +92,13 @@ class VisualExpertAttention(nn.Module):
     def forward(self, x, rope, expert_route, attn_mask=None, kv_cache=None, cache_pos=None) -> torch.Tensor:
         """x: (B, L, D); rope: (cos, sin); attn_mask: (B, 1, L, S) bool over the cache (or over x without one), or
         None for plain causal attention over x itself (the flash-attention path); kv_cache/cache_pos: write this
-        step's keys and values at slots cache_pos, and attend over the whole cache when a mask is given."""
+        step's keys and values at slots cache_pos (a tensor, or an int: the first of L consecutive slots), and attend
+        over the whole cache when a mask is given."""
         B, L, _ = x.shape
         qkv = route(x, expert_route, self.vision_expert_qkv, self.language_expert_qkv)
-        q, k, v = qkv.view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = qkv.view(B, L, 3, self.num_heads, -1)
+        q, k = apply_rotary(qkv[:, :, :2], *rope).permute(2, 0, 3, 1, 4)  # q and k in one pass; 2 x (B, H, L, hd)
+        v = qkv[:, :, 2].transpose(1, 2)
         if kv_cache is not None:
             cached_k, cached_v = kv_cache.update(cache_pos, k, v)  # (B, H, S_max, hd)
             if attn_mask is not None:  # otherwise: an unpadded prefill into an empty cache, causal over x itself
