@@ -99,6 +99,21 @@ def block_devices(device_map, cfg: CogVLMConfig, max_memory=None, **plan_options
     return {n: out[n] for n in names}
 
 
+def parse_device_map(text: str):
+    """A --device-map value: "auto" or "balanced"; a JSON object or a JSON file; or KEY=DEVICE pairs such as
+    "vision=0,adapter=0,embed=0,layers.0-15=0,layers.16-31=1,norm=1,lm_head=1"."""
+    text = text.strip()
+    if text in STRATEGIES:
+        return text
+    if text.startswith("{") or text.endswith(".json"):
+        return json.loads(text if text.startswith("{") else open(text).read())
+    pairs = [item.partition("=") for item in filter(None, (s.strip() for s in text.split(",")))]
+    if not pairs or any(not sep for _, sep, _ in pairs):
+        raise DeviceMapError(f"cannot read the device map {text!r}; give auto, balanced, a JSON object or file, or "
+                             "BLOCK=DEVICE pairs such as vision=0,layers.0-15=0,layers.16-31=1")
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
 def _expand(key: str, names: list[str]) -> list[str]:
     """The blocks a map key covers: a block, a prefix of several, or a range `prefix.a-b` (inclusive). Short
     spellings are tried under "llm." first, then "vision."."""

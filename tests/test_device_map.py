@@ -46,6 +46,12 @@ def test_manual_map_prefixes_ranges_and_short_spellings():
     # A narrower key overrides the wider one that holds it, whatever the order.
     assert dm.block_devices({"lm_head": 1, "layers.16-31": 1, "llm.norm": 1, "vision": 0, "adapter": 0, "llm": 0},
                             CHAT) == blocks
+    spec = "vision=0, adapter=0,embed=0,layers.0-15=cuda:0,layers.16-31=1,norm=1,lm_head=1"
+    assert dm.block_devices(dm.parse_device_map(spec), CHAT) == blocks
+    assert dm.block_devices(dm.parse_device_map(json.dumps(short)), CHAT) == blocks
+    assert dm.parse_device_map("balanced") == "balanced"
+    with pytest.raises(dm.DeviceMapError, match="BLOCK=DEVICE"):
+        dm.parse_device_map("vision:0")
     # device_for_param: every parameter goes to its block's device.
     with torch.device("meta"):
         model = CogVLM(CHAT)
