@@ -27,7 +27,7 @@ class Adapter(nn.Module):
 
     def glu(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, D_vit) patch features (cls already dropped) -> (B, N, D)."""
-        x = F.gelu(self.norm(self.proj(patches)))
+        x = F.gelu(self.norm(self.proj(patches.to(self.proj.weight.dtype))))
         return self.down(silu_gate(self.gate_up(x)))
 
     def forward(self, vit_out: torch.Tensor, trace: dict | None = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # In fp32 whatever the model dtype, and cast back only after the weight multiply, as Llama's reference does:
     # casting before the multiply gives visibly different bf16 outputs.
-    return (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps)).to(x.dtype)  # x * rsqrt(mean(x^2) + eps)
+    # The output takes the weight's dtype: the residual stream may be fp32 while the layers run in bf16.
+    return (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps)).to(weight.dtype)  # x * rsqrt(mean(x^2) + eps)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +119,7 @@ class LanguageModel(nn.Module):
         real tokens; key_valid=None then means "an unpadded prompt written to empty caches from slot 0".
         """
         rope = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        x = x.float()  # the residual stream stays in fp32; every sublayer runs in the weights' dtype (bf16 on GPUs)
         if key_valid is None:
             mask = None  # no padding and (with caches) a prefill into empty caches: causal attention over x
         elif kv_caches is None:
