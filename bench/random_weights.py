@@ -25,14 +25,17 @@ def init_(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return t.normal_(0.0, t[0].numel() ** -0.5, generator=gen)  # (conv kernels: fan_in = in_ch * k * k)
 
 
-def random_model(cfg: CogVLMConfig, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> CogVLM:
-    """Build on the meta device, then create each parameter on `device` (drawn in fp32, rounded to bf16)."""
+def random_model(cfg: CogVLMConfig, device="cuda", dtype=torch.bfloat16, seed: int = 0, place=None) -> CogVLM:
+    """Build on the meta device, then create each parameter on `device` (drawn in fp32, rounded to bf16).
+
+    `place(name) -> device`, if given, moves each parameter to its own device after drawing it on `device`, so a
+    split model holds exactly the weights of the single-device one made with the same seed."""
     with torch.device("meta"):
         model = CogVLM(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
-        t = init_(name, torch.empty(p.shape, device=device, dtype=torch.float32), gen)
-        set_parameter(model, name, t.bfloat16().to(dtype))
+        t = init_(name, torch.empty(p.shape, device=device, dtype=torch.float32), gen).bfloat16().to(dtype)
+        set_parameter(model, name, t if place is None else t.to(place(name)))
     return model.eval()
 
 

@@ -41,7 +41,8 @@ class DecodeSession:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)  # slot of the next token
         self.next_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its rotary position
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its id (static input buffer)
-        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        one_device = len({p.device for p in model.parameters()}) == 1  # a CUDA graph cannot span a device map
+        self.use_graph = (device.type == "cuda" and one_device) if cuda_graph is None else cuda_graph
         self.graph = None
         self.graph_logits = None
 

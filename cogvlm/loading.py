@@ -27,12 +27,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None) -> CogVLM:
+def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None,
+               device_map=None, max_memory=None) -> CogVLM:
     """A `CogVLM` with the weights of `path` (hub id, hub-layout or converted folder), in eval mode, gradients off.
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
     a new conversion); by default the checkpoint's own. The model gets `model.tokenizer` (None when there is none).
-    Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
+    `device_map` spreads whole blocks over devices (see `cogvlm.device_map`: a dict, "auto" or "balanced" with
+    `max_memory` budgets); it is planned before any weight is read, and each weight goes straight to its block's
+    device. Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
     """
     path = resolve(path, revision=revision, tokenizer=tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -41,11 +44,16 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     with torch.device("meta"):
         model = CogVLM(cfg)
     expected = dict(model.named_parameters())
+    blocks = None
+    if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
+        from .device_map import apply_device_map, block_devices, device_for_param
+
+        blocks = block_devices(device_map, cfg, max_memory, dtype=dtype)
     shards = list_shards(path)
     check_safetensors_headers(shards)
     loaded: set[str] = set()
     for file, _ in shards:
-        with open_shard(file, device=str(device)) as shard:
+        with open_shard(file, device="cpu" if blocks else str(device)) as shard:  # with a map: each to its own
             for name in shard.keys():
                 if name not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r}; checkpoint and code versions differ")
@@ -55,7 +63,8 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
                         f"{file}: {name} has shape {tuple(tensor.shape)}, the config implies "
                         f"{tuple(expected[name].shape)}"
                     )
-                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                target = device if blocks is None else device_for_param(blocks, name)
+                set_parameter(model, name, tensor.to(device=target, dtype=dtype))
                 loaded.add(name)
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -64,6 +73,8 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     if tokenizer and not tok_file.exists():
         raise CheckpointError(f"tokenizer file {tok_file} does not exist")
     model.tokenizer = Tokenizer(tok_file) if tok_file.exists() else None
+    if blocks is not None:
+        apply_device_map(model, blocks)  # hooks that move activations to each block's device
     return model.eval()
 
 

@@ -224,6 +224,20 @@ def test_mapped_forward_and_decode_equal_the_unmapped_model(tiny):
     assert hooks["llm.layers.0"].calls == 8  # ...and nothing once removed
 
 
+def test_from_pretrained_with_a_device_map(tiny):
+    """The loader places each weight by the map and installs the hooks; outputs equal the unmapped model."""
+    case = image_case()
+    ref_logits, _, ref_decoded = run(CogVLM.from_pretrained(tiny, device="cpu", dtype=torch.float32), case, "cpu")
+    model = CogVLM.from_pretrained(tiny, device="cpu", dtype=torch.float32,
+                                   device_map=split_map(CogVLMConfig.load(tiny), "cpu", "cpu"))
+    assert all(hasattr(model.get_submodule(b), "_forward_pre_hooks") and model.get_submodule(b)._forward_pre_hooks
+               for b in dm.block_names(model.cfg))
+    logits, _, decoded = run(model, case, "cpu")
+    assert torch.equal(logits, ref_logits) and torch.equal(decoded, ref_decoded)
+    with pytest.raises(dm.DeviceMapError):
+        CogVLM.from_pretrained(tiny, device="cpu", device_map={"vision": "cpu"})  # the decoder is left unassigned
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_equal_one(tiny):
     case = image_case()
