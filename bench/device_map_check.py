@@ -73,6 +73,9 @@ def main() -> None:
         blocks = dm.block_devices(plan, cfg)
         model = random_model(cfg, device="cuda:0", place=lambda name: dm.device_for_param(blocks, name))
         dm.apply_device_map(model, blocks)
+        misplaced = [n for n, p in model.named_parameters() if p.device != dm.device_for_param(blocks, n)]
+        print(f"{n} GPUs: embed on {model.llm.embed.weight.device}, {len(misplaced)} misplaced {misplaced[:3]}",
+              file=sys.stderr)
         logits, tokens, tok_s = run(model, ids, types, pixels, args.new_tokens)
         results[f"{n}_gpus"] = {
             "plan_GiB": {d: round(u.total / 2**30, 2) for d, u in plan.devices.items()},

@@ -70,7 +70,7 @@ class CogVLM(nn.Module):
         """Token embeddings with the image positions overwritten by the image features, row-major over the batch."""
         x = self.llm.embed(input_ids)
         if token_type_ids is not None and pixel_values is not None:
-            image_pos = token_type_ids == VISION_TOKEN_TYPE
+            image_pos = (token_type_ids == VISION_TOKEN_TYPE).to(x.device)
             features = self.encode_images(pixel_values, trace).to(device=x.device, dtype=x.dtype)
             if image_pos.sum().item() != features.shape[0] * features.shape[1]:
                 raise ValueError(
