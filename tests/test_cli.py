@@ -1,0 +1,282 @@
+"""The `cogvlm` command line, run for real: `python -m cogvlm ...` (and the installed `cogvlm` script) in subprocesses,
+on the fixture checkpoint converted once per session with the real tokenizer, with a private COGVLM_CACHE and
+HF_HUB_OFFLINE=1. Outputs are compared with the reference's tokens and with the Python API called in-process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cogvlm import CogVLM
+from cogvlm.convert import convert
+from cogvlm.tokenizer import Tokenizer
+
+from .test_generate import FIXTURES, MANIFEST, SINGLE, TOKENIZER, case_tensors, gen_steps, until_eos
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = FIXTURES / MANIFEST.get("model_dir", "model")
+IMAGES = [FIXTURES / name for name in MANIFEST["images"]]
+EOS = MANIFEST["config"]["eos_token_id"]
+# The manifest's single conversations without history: what `cogvlm ask` can ask.
+ASK_CASES = [n for n in SINGLE if not MANIFEST["cases"][n]["history"]]
+DEFAULT_PROMPT = "Describe this image."  # the CLI's caption prompt for the fixture's chat template
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> Path:
+    return convert(MODEL_DIR, tmp_path_factory.mktemp("cli-model") / "converted", tokenizer=TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def model(converted) -> CogVLM:
+    return CogVLM.from_pretrained(converted, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict:
+    # PYTHONPATH: the installed script must run this tree's code, even if the editable install points elsewhere.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "COGVLM_CACHE": str(tmp_path_factory.mktemp("cli-cache")), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": path}
+
+
+def entry_point() -> str:
+    """The installed `cogvlm` console script: next to this Python first, else on PATH. Its absence is a failure."""
+    script = shutil.which("cogvlm", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    if script is None:
+        pytest.fail("the `cogvlm` console script is not installed; run `pip install -e . --no-deps`")
+    return script
+
+
+def cogvlm(*args, env: dict, stdin: bytes | str | None = None, check: bool = True, script: bool = False):
+    """Run the command line; stdout and stderr come back as text."""
+    cmd = [entry_point()] if script else [sys.executable, "-m", "cogvlm"]
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    r = subprocess.run(cmd + [str(a) for a in args], input=data, capture_output=True, env=env, timeout=TIMEOUT)
+    r.stdout, r.stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+    if check:
+        assert r.returncode == 0, f"exit status {r.returncode}; stderr:\n{r.stderr}"
+    return r
+
+
+def reference_answer(name: str) -> str:
+    """The reference's greedy answer to a manifest case, as text."""
+    ids = until_eos(case_tensors(name)["gen_ids"][0].tolist(), EOS)
+    return Tokenizer(TOKENIZER).decode(ids, skip_special_tokens=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the file ends with an unfinished line"
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]  # every line must be valid JSON
+
+
+# -- ask --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ASK_CASES)
+def test_ask_prints_exactly_the_reference_greedy_answer(name, converted, env):
+    case = MANIFEST["cases"][name]
+    image = FIXTURES / case["image"] if case.get("image") else "none"
+    r = cogvlm("ask", image, case["query"], "--model", converted, "--template", case["template_version"],
+               "--max-new-tokens", gen_steps(name), "--quiet", env=env)
+    assert r.stdout == reference_answer(name) + "\n"
+    assert r.stderr == ""  # --quiet: nothing but errors on stderr
+
+
+def test_ask_through_the_installed_script_on_a_hub_layout_folder(tmp_path, env):
+    """The `cogvlm` entry point; the image's bytes on stdin (`-`); a hub-layout folder converted into the cache with
+    --tokenizer; logs on stderr, only the answer on stdout."""
+    name = "case1_chat_image"
+    case = MANIFEST["cases"][name]
+    fresh = {**env, "COGVLM_CACHE": str(tmp_path / "cache")}
+    r = cogvlm("ask", "-", case["query"], "--model", MODEL_DIR, "--tokenizer", TOKENIZER,
+               "--max-new-tokens", gen_steps(name), env=fresh, stdin=(FIXTURES / case["image"]).read_bytes(),
+               script=True)
+    assert r.stdout == reference_answer(name) + "\n"
+    assert "converting" in r.stderr and "loading" in r.stderr
+    assert [p.name.split("--")[0] for p in (tmp_path / "cache").iterdir()] == ["local"]
+
+
+def test_ask_with_a_device_map(converted, env):
+    """--device-map reaches from_pretrained: planned from --max-memory (all on the CPU here), same answer."""
+    name = "case1_chat_image"
+    case = MANIFEST["cases"][name]
+    r = cogvlm("ask", FIXTURES / case["image"], case["query"], "--model", converted, "--max-new-tokens",
+               gen_steps(name), "--device-map", "balanced", "--max-memory", "cpu=4GiB", env=env)
+    assert r.stdout == reference_answer(name) + "\n"
+
+
+# -- chat -------------------------------------------------------------------------------------------------------
+
+def test_chat_over_a_pipe_answers_each_question_with_its_history(converted, model, env):
+    img0, img1 = IMAGES
+    q = ["What is in the picture?", "What colour is it?", "Is it big?", "And in this one?"]
+    gen = dict(max_new_tokens=6)
+    a1 = model.chat(img0, q[0], **gen)
+    a2 = model.chat(img0, q[1], history=[(q[0], a1)], **gen)
+    assert a2 != model.chat(img0, q[1], **gen), "the fixture cannot tell whether the history is used"
+    a3 = model.chat(img0, q[2], **gen)  # after /clear: same image, no history
+    a4 = model.chat(img1, q[3], **gen)  # after /image: the new image, a new conversation
+    stdin = f"{q[0]}\n{q[1]}\n/clear\n{q[2]}\n\n/image {img1}\n{q[3]}\n/quit\nnever asked\n"
+    r = cogvlm("chat", "--image", img0, "--model", converted, "--max-new-tokens", 6, env=env, stdin=stdin)
+    assert r.stdout == f"{a1}\n{a2}\n{a3}\n{a4}\n"  # answers only: no prompts when stdin is not a terminal
+    assert "you>" not in r.stderr
+
+    # End of input ends the chat as /quit does.
+    r = cogvlm("chat", "--image", img0, "--model", converted, "--max-new-tokens", 6, env=env, stdin=f"{q[0]}\n")
+    assert r.stdout == f"{a1}\n"
+
+
+# -- caption ----------------------------------------------------------------------------------------------------
+
+def make_folder(root: Path, n_made: int) -> tuple[list[Path], Path]:
+    """A tree of images: the fixture PNGs, `n_made` more made with PIL in several formats and cases of extension,
+    a corrupt .png and a text file. Returns (readable images in the CLI's order, the corrupt file)."""
+    (root / "nested" / "deeper").mkdir(parents=True)
+    shutil.copyfile(IMAGES[0], root / "a.png")
+    shutil.copyfile(IMAGES[1], root / "nested" / "b.png")
+    formats = [("JPG", "JPEG"), ("bmp", "BMP"), ("gif", "GIF"), ("tiff", "TIFF"), ("webp", "WEBP")]
+    for i in range(n_made):
+        ext, fmt = formats[i % len(formats)]
+        folder = root / "nested" / "deeper" if i % 2 else root
+        Image.new("RGB", (40 + 7 * i, 30 + 5 * i), (37 * i % 256, 90, 200 - 20 * i)).save(folder / f"m{i}.{ext}", fmt)
+    corrupt = root / "nested" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (root / "notes.txt").write_text("not an image")
+    readable = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".txt" and p != corrupt)
+    return readable, corrupt
+
+
+def check_captions(records: list[dict], readable: list[Path], corrupt: Path, model: CogVLM, converted: Path,
+                   max_new_tokens: int) -> None:
+    by_image = {r["image"]: r for r in records}
+    assert len(by_image) == len(records) == len(readable) + 1, "not exactly one record per image"
+    assert set(by_image) == {str(p) for p in readable + [corrupt]}
+    error = by_image.pop(str(corrupt))
+    assert set(error) == {"image", "error"} and "cannot read image" in error["error"]
+    expected = model.chat_batch([str(p) for p in readable], [DEFAULT_PROMPT] * len(readable),
+                                max_new_tokens=max_new_tokens)
+    for path, caption in zip(readable, expected):
+        assert by_image[str(path)] == {"image": str(path), "caption": caption, "prompt": DEFAULT_PROMPT,
+                                       "model": str(converted)}
+
+
+def test_caption_folder_gives_one_record_per_image_and_reruns_skip_them(tmp_path, converted, model, env):
+    readable, corrupt = make_folder(tmp_path / "images", n_made=4)
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", tmp_path / "images", "--out", out, "--model", converted, "--max-new-tokens", 6]
+    r = cogvlm(*args, "--batch-size", 2, env=env)
+    assert r.stdout == ""
+    assert re.search(rf"skipped: cannot read image {re.escape(str(corrupt))}", r.stderr)
+    assert re.search(rf"caption {len(readable) + 1}/{len(readable) + 1} \[#+\] [\d.]+ (img/s|s/img).*ETA", r.stderr)
+    check_captions(read_jsonl(out), readable, corrupt, model, converted, 6)
+
+    # A rerun finds everything done (the error record too) and does not even load the model.
+    before = out.read_bytes()
+    r = cogvlm(*args, env=env)
+    assert out.read_bytes() == before and "already" in r.stderr and "loading" not in r.stderr
+
+    # Once the file is repaired, --retry-errors replaces its error record by a caption.
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(corrupt, "PNG")
+    r = cogvlm(*args, "--retry-errors", "--quiet", env=env)
+    assert r.stderr == ""
+    records = read_jsonl(out)
+    assert len(records) == len(readable) + 1 and not any("error" in r for r in records)
+    assert records[-1] == {"image": str(corrupt), "caption": model.chat(corrupt, DEFAULT_PROMPT, max_new_tokens=6),
+                           "prompt": DEFAULT_PROMPT, "model": str(converted)}
+
+
+def test_killed_caption_run_resumes_with_every_image_captioned_once(tmp_path, converted, model, env):
+    readable, corrupt = make_folder(tmp_path / "images", n_made=6)
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", tmp_path / "images", "--out", out, "--model", converted, "--max-new-tokens", 24]
+    # One image per batch, each about a second on a CPU: kill the run as soon as its first record is on disk.
+    proc = subprocess.Popen([sys.executable, "-m", "cogvlm", *map(str, args), "--batch-size", "1", "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out.exists() and b"\n" in out.read_bytes()):
+            assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no record written in time"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    written = read_jsonl(out)  # every line whole and valid, the last one included
+    assert 1 <= len(written) < len(readable) + 1, "the run was not killed half-way"
+
+    # A write cut short by a crash (power loss, full disk) leaves an unfinished last line: the rerun removes it.
+    with open(out, "ab") as f:
+        f.write(b'{"image": "' + str(readable[-1]).encode() + b'", "capt')
+    r = cogvlm(*args, "--batch-size", 3, env=env)
+    assert "unfinished last line" in r.stderr and f"{len(written)} already" in r.stderr
+    records = read_jsonl(out)
+    assert records[:len(written)] == written  # what the killed run finished is kept as it was
+    check_captions(records, readable, corrupt, model, converted, 24)
+
+
+# -- errors and help --------------------------------------------------------------------------------------------
+
+ERRORS = {
+    "missing image": (["ask", "{missing}", "What is this?", "--model", "{model}"],
+                      r"^cogvlm ask: error: cannot read image .*missing\.png: file not found$"),
+    "unknown template": (["ask", "{image}", "What is this?", "--model", "{model}", "--template", "chatty"],
+                         r"^cogvlm ask: error: argument --template: invalid choice: 'chatty' \(choose from "),
+    "no such model folder": (["ask", "{image}", "What is this?", "--model", "{nowhere}"],
+                             r"^cogvlm ask: error: .*nowhere is not a checkpoint folder"),
+    "too many new tokens": (["ask", "{image}", "What is this?", "--model", "{model}", "--max-new-tokens", "5000"],
+                            r"^cogvlm ask: error: .*max_position_embeddings \(2048\).*at most \d+ new tokens$"),
+    "missing caption path": (["caption", "{missing}", "--out", "{out}", "--model", "{model}"],
+                             r"^cogvlm caption: error: no such file or folder: .*missing\.png$"),
+    "incomplete device map": (["ask", "{image}", "What is this?", "--model", "{model}", "--device-map", "vision=cpu"],
+                              r"^cogvlm ask: error: device map leaves \d+ block\(s\) unassigned: adapter, "),
+    "missing chat image": (["chat", "--image", "{missing}", "--model", "{model}"],
+                           r"^cogvlm chat: error: cannot read image .*missing\.png: file not found$"),
+}
+
+
+@pytest.mark.parametrize("what", ERRORS)
+def test_errors_are_one_line_and_a_nonzero_exit(what, tmp_path, converted, env):
+    args, message = ERRORS[what]
+    paths = dict(missing=tmp_path / "missing.png", model=converted, nowhere=tmp_path / "nowhere", image=IMAGES[0],
+                 out=tmp_path / "out.jsonl")
+    r = cogvlm(*[a.format(**paths) for a in args], "--quiet", env=env, check=False)
+    assert r.returncode != 0 and r.stdout == ""
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert re.search(message, r.stderr.strip()), r.stderr
+
+
+def test_a_failing_turn_ends_a_piped_chat(converted, model, env):
+    """Over a pipe, an answer that cannot come must not pass unnoticed: the answers so far, then an error."""
+    stdin = f"What is this?\n/image {IMAGES[0].parent / 'missing.png'}\nAnd now?\n"
+    r = cogvlm("chat", "--image", IMAGES[0], "--model", converted, "--max-new-tokens", 4, "--quiet", env=env,
+               stdin=stdin, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stdout == model.chat(IMAGES[0], "What is this?", max_new_tokens=4) + "\n"
+    assert re.fullmatch(r"cogvlm chat: error: cannot read image .*missing\.png: file not found\n", r.stderr)
+
+
+@pytest.mark.parametrize("command", ["", "ask", "chat", "caption", "convert", "export-hf"])
+def test_help(command, env):
+    r = cogvlm(*([command] if command else []), "--help", env=env)
+    assert r.stdout.startswith(f"usage: cogvlm {command}".rstrip())
+    assert "example" in r.stdout
+    if command in ("ask", "chat", "caption"):
+        for flag in ("--model", "--tokenizer", "--dtype", "--device", "--template", "--max-new-tokens",
+                     "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--sample", "--seed", "--quiet",
+                     "--device-map", "--max-memory"):
+            assert flag in r.stdout
