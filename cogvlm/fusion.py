@@ -1,24 +1,33 @@
-"""Kernel fusion for the small element-wise chains of the model (RMSNorm, rotary, SiLU-gating) on GPUs.
+"""Kernel fusion for the small element-wise chains of the model (RMSNorm, rotary, SiLU-gating) in decode steps.
 
-In eager PyTorch each of these is 5-10 separate kernels; at batch-1 decoding they cost more time than reading the
-weights. `fused(fn)` returns a drop-in for a pure tensor function that runs `torch.compile(fn, dynamic=True)` on
-small CUDA tensors (one generated kernel, compiled once for all shapes and reused by every layer) and the plain function
-everywhere else. If compilation is unavailable (no Triton, say) it warns once and stays eager. Set COGVLM_COMPILE=0
-to turn it off. The model files call these functions like any other; they never see the compiler.
+In eager PyTorch each of these is 5-10 separate kernels; in a batch-1 decode step they cost more time than reading
+the weights. `fused(fn)` returns a drop-in for a pure tensor function: inside `fused_kernels()` and on CUDA tensors
+it runs `torch.compile(fn, dynamic=True)` (one generated kernel, compiled once for all shapes and reused by every
+layer), everywhere else the plain function. `DecodeSession` turns it on only while it warms up and captures its
+CUDA graph, so the compiled kernels are replayed with no host work; eager calls (prefill, training, CPU) never pay
+a compiled function's per-call host overhead. If compilation is unavailable (no Triton, say) it warns once and
+stays eager. Set COGVLM_COMPILE=0 to turn it off. The model files never see the compiler.
 """
 from __future__ import annotations
 
 import functools
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
+_active = False  # set by fused_kernels()
 
-# Fuse only small tensors (decode steps, up to batch ~32): there the separate kernels are launch-bound and the
-# compiled kernel runs inside the decode step's CUDA graph. For a long prefill the eager kernels are already
-# bandwidth-bound, and the compiled function's per-call guard checks on the host would cost more than they save.
-MAX_FUSED_NUMEL = 2**20
+
+@contextmanager
+def fused_kernels():
+    global _active
+    previous, _active = _active, True
+    try:
+        yield
+    finally:
+        _active = previous
 
 
 def fused(fn):
@@ -28,7 +37,7 @@ def fused(fn):
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args):
         nonlocal compiled, enabled
-        if not (enabled and x.is_cuda and x.numel() <= MAX_FUSED_NUMEL):
+        if not (_active and enabled and x.is_cuda):
             return fn(x, *args)
         try:
             if compiled is None:

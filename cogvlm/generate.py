@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from .fusion import fused_kernels
 from .model import CogVLM, build_position_ids
 from .visual_expert import VISION_TOKEN_TYPE
 
@@ -91,16 +92,17 @@ class DecodeSession:
     def _capture(self) -> None:
         # Warm up on a side stream (cuBLAS and allocator set-up must not happen during capture), then undo the
         # warm-up's state changes: the slot it wrote is written again by the first real step.
+        # Fused kernels (cogvlm.fusion) are compiled during the warm-up and recorded into the graph.
         saved = (self.key_valid.clone(), self.cache_pos.clone(), self.next_pos.clone())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), fused_kernels():
             self._step()
         torch.cuda.current_stream().wait_stream(stream)
         for buf, old in zip((self.key_valid, self.cache_pos, self.next_pos), saved):
             buf.copy_(old)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), fused_kernels():
             self.graph_logits = self._step()
 
     @torch.no_grad()
