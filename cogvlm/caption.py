@@ -26,7 +26,7 @@ from typing import Callable, Iterable, TextIO
 from .image import ImageError, load_image
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "Progress",
-           "caption_images"]
+           "caption_images", "speed"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -187,9 +187,8 @@ class Progress:
         eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
         width = 24
         filled = width * self.done // self.total if self.total else width
-        speed = f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"  # slow models: s/img
         line = (f"{self.label} {self.done}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{speed}, elapsed {_clock(elapsed)}, ETA {eta}")
+                f"{speed(rate)}, elapsed {_clock(elapsed)}, ETA {eta}")
         if self.errors:
             line += f", {self.errors} unreadable"
         if self.tty:
@@ -215,6 +214,11 @@ class Progress:
                 self.stream.write("\n")
             self.stream.flush()
         self.shown = False
+
+
+def speed(rate: float) -> str:
+    """Images per second, or seconds per image when that reads better (big models, slow machines)."""
+    return f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
 
 
 def _clock(seconds: float) -> str:

@@ -309,7 +309,7 @@ class Chat:
 
 
 def cmd_caption(args) -> None:
-    from .caption import CaptionFile, Progress, caption_images, default_prompt, find_images
+    from .caption import CaptionFile, Progress, caption_images, default_prompt, find_images, speed
 
     images = find_images(args.paths, warn=lambda m: print(f"cogvlm caption: {m}", file=sys.stderr))
     if not images:
@@ -347,7 +347,7 @@ def cmd_caption(args) -> None:
             progress.close()
         seconds = time.monotonic() - start
         log(args, f"{captioned} captioned, {errors} unreadable, {skipped} already done; "
-                  f"{(captioned + errors) / seconds:.2f} images/s -> {args.out}")
+                  f"{speed((captioned + errors) / seconds)} -> {args.out}")
 
 
 def cmd_convert(args) -> None:
