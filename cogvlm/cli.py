@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .device_map import add_plan_command
 
     add_plan_command(sub)  # `cogvlm plan`: which device holds which block, from memory budgets
+    from .finetune import add_finetune_command
+
+    add_finetune_command(sub)  # `cogvlm finetune`: presets experts / lora / full, resume, export
     return parser
 
 
