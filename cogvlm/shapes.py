@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .convert.checkpoint import atomic_folder
 
 COLOURS = {
     "red": (220, 20, 20),
@@ -133,14 +133,9 @@ def generate(
     if not 5 <= min_side <= max_side:
         raise ValueError(f"need 5 <= min_side <= max_side, got {min_side}, {max_side}")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another folder or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     rng = random.Random(seed)
-    try:
+    with atomic_folder(out, force) as tmp:
+        (tmp / "images").mkdir()
         with open(tmp / "data.jsonl", "w") as f:
             for i in range(n):
                 width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
@@ -158,12 +153,6 @@ def generate(
                         "meta": {**asdict(sample), "question": kind},
                     }
                     f.write(json.dumps(record) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out / "data.jsonl"
 
 

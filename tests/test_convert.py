@@ -104,7 +104,7 @@ def test_tokenizer_is_stored_with_the_weights(tmp_path):
 
 def test_existing_destination_needs_force(tmp_path):
     out = convert(MODEL_DIR, tmp_path / "ours")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         convert(MODEL_DIR, out)
     convert(MODEL_DIR, out, force=True)
 

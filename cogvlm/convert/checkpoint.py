@@ -162,7 +162,7 @@ def atomic_folder(dst: Path, force: bool = False):
     """Yield a temporary folder beside `dst`; on success it is renamed to `dst`, on any failure it is removed."""
     dst = Path(dst)
     if dst.exists() and not force:
-        raise CheckpointError(f"{dst} already exists; choose another destination or pass --force to replace it")
+        raise FileExistsError(f"{dst} already exists; choose another destination or pass --force to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
