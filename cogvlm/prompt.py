@@ -19,12 +19,11 @@ from typing import Sequence
 
 import torch
 
+from .model import IGNORE_INDEX  # the label of positions that carry no loss
+
 __all__ = ["TEMPLATES", "IGNORE_INDEX", "format_prompt", "image_token_count", "build_inputs", "pad_batch"]
 
 TEMPLATES = ("base", "chat", "vqa")
-
-# The label value torch.nn.functional.cross_entropy ignores by default.
-IGNORE_INDEX = -100
 
 # Token types of the reference: LANGUAGE_TOKEN_TYPE = 0, VISION_TOKEN_TYPE = 1.
 LANGUAGE, VISION = 0, 1
