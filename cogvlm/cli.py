@@ -173,8 +173,11 @@ def load_model(args):
                              "block goes")
     log(args, f"loading {args.model}")
     start = time.monotonic()
+    # A planned map reserves KV cache for the batch this command will run (caption's --batch-size; 1 otherwise).
+    plan_options = {"batch_size": getattr(args, "batch_size", 1)} if device_map is not None else None
     model = CogVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                                   tokenizer=args.tokenizer, device_map=device_map, max_memory=args.max_memory)
+                                   tokenizer=args.tokenizer, device_map=device_map, max_memory=args.max_memory,
+                                   plan_options=plan_options)
     tokenizer_of(model)  # a missing tokenizer is an error now, before any image work
     devices = ", ".join(sorted({str(p.device) for p in model.parameters()}))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -28,14 +28,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None,
-               device_map=None, max_memory=None) -> CogVLM:
+               device_map=None, max_memory=None, plan_options: dict | None = None) -> CogVLM:
     """A `CogVLM` with the weights of `path` (hub id, hub-layout or converted folder), in eval mode, gradients off.
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
     a new conversion); by default the checkpoint's own. The model gets `model.tokenizer` (None when there is none).
     `device_map` spreads whole blocks over devices (see `cogvlm.device_map`: a dict, "auto" or "balanced" with
     `max_memory` budgets); it is planned before any weight is read, and each weight goes straight to its block's
-    device. Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
+    device; `plan_options` (batch_size, context) size the KV cache that "auto"/"balanced" reserve (default batch 1,
+    full context). Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
     """
     path = resolve(path, revision=revision, tokenizer=tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -48,7 +49,7 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
         from .device_map import apply_device_map, block_devices, device_for_param
 
-        blocks = block_devices(device_map, cfg, max_memory, dtype=dtype)
+        blocks = block_devices(device_map, cfg, max_memory, dtype=dtype, **(plan_options or {}))
     shards = list_shards(path)
     check_safetensors_headers(shards)
     loaded: set[str] = set()

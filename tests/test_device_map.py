@@ -238,6 +238,17 @@ def test_from_pretrained_with_a_device_map(tiny):
         CogVLM.from_pretrained(tiny, device="cpu", device_map={"vision": "cpu"})  # the decoder is left unassigned
 
 
+def test_from_pretrained_plans_for_the_requested_batch(tiny):
+    """plan_options reach the planner: a budget that holds batch 1 refuses batch 64 before any weight is read."""
+    budget = {"cpu": 100 * 2**20}
+    model = CogVLM.from_pretrained(tiny, device="cpu", device_map="auto", max_memory=budget,
+                                   plan_options={"batch_size": 1, "context": 64})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(dm.DoesNotFitError, match="batch"):
+        CogVLM.from_pretrained(tiny, device="cpu", device_map="auto", max_memory=budget,
+                               plan_options={"batch_size": 64, "context": 64})
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_equal_one(tiny):
     case = image_case()
