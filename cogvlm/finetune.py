@@ -20,9 +20,9 @@ the end, `final/`: the whole model in our converted layout (LoRA merged, tokeniz
 loadable by `CogVLM.from_pretrained`. `--resume RUN_OR_CHECKPOINT` continues a run exactly: the same batches,
 learning rates, dropout masks and hence the same loss curve as an uninterrupted run.
 
-The loss is the model's (shifted mean cross-entropy over the labelled tokens), computed here with the lm_head applied
-to the labelled positions only (`training_loss`; the same value as `CogVLM.forward(labels=...)`, without the
-(L x 32000) logits of the image and prompt positions). With gradient accumulation each micro-batch's mean loss is
+The loss is the model's (shifted mean cross-entropy over the labelled tokens): `training_loss` calls
+`CogVLM.forward(labels=..., return_logits=False)`, which applies the lm_head to the labelled positions only and never
+builds the (L x 32000) logits of the image and prompt positions. With gradient accumulation each micro-batch's mean loss is
 weighted 1/grad_accum. See docs/finetune.md.
 """
 from __future__ import annotations
@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -54,10 +53,9 @@ from .convert.checkpoint import DEFAULT_SHARD_BYTES, DTYPES, ShardWriter, atomic
 from .data import ConversationDataset
 from .generate import DecodeSession
 from .lora import DEFAULT_TARGETS, LoRALinear, apply_lora, merge_lora, select
-from .model import IGNORE_INDEX, CogVLM, build_position_ids
+from .model import IGNORE_INDEX, CogVLM
 from .prompt import build_inputs, pad_batch
 from .tokenizer import Tokenizer
-from .visual_expert import ExpertRoute
 
 PRESETS = {
     "experts": (
@@ -202,21 +200,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 def training_loss(model: CogVLM, batch: dict) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over the labelled next tokens, their count): `CogVLM.forward(labels=...).loss`, with the
-    lm_head applied to the labelled positions only. `batch` is on the model's device."""
-    ids, types, mask, labels = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"]
-    position_ids = build_position_ids(types, mask)
-    x = model.embed(ids, types, batch.get("pixel_values"))
-    route = ExpertRoute.from_token_types(types)
-    key_valid = None if bool(mask.all()) else mask
-    h = model.llm(x, position_ids, route, key_valid)
-    target = labels[:, 1:]  # position t predicts token t+1
-    sel = target != IGNORE_INDEX
-    n = int(sel.sum())
+    """(mean cross-entropy over the labelled next tokens, their count): `CogVLM.forward(labels=...).loss`, which
+    applies the lm_head to the labelled positions only. `batch` is on the model's device."""
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts token t+1
     if n == 0:
         raise ValueError("a batch has no labelled token")
-    logits = model.llm.lm_head(h[:, :-1][sel]).float()
-    return F.cross_entropy(logits, target[sel]), n
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                labels=batch["labels"], return_logits=False)
+    return out.loss, n
 
 
 # =============================================================================================== generation

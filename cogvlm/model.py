@@ -43,7 +43,7 @@ def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tenso
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, L, V) fp32, or (B, 1, V) with last_logits_only
+    logits: torch.Tensor | None  # (B, L, V) fp32; (B, 1, V) with last_logits_only; None with return_logits=False
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labelled positions
 
 
@@ -96,6 +96,7 @@ class CogVLM(nn.Module):
         kv_caches: list[KVCache] | None = None,
         cache_pos: torch.Tensor | int | None = None,
         last_logits_only: bool = False,
+        return_logits: bool = True,
         trace: dict | None = None,
     ) -> Output:
         """One pass over a batch of token sequences.
@@ -103,6 +104,7 @@ class CogVLM(nn.Module):
         input_ids, token_type_ids, attention_mask, labels: (B, L); pixel_values: (n_images, 3, S, S) for the rows
         that hold an image, in row order. token_type_ids=None means all text. attention_mask=None means no padding;
         with kv_caches it covers the whole cache, (B, S_max). position_ids default to `build_position_ids`.
+        `return_logits=False` skips the logits (training: the loss needs only the labelled positions).
         `trace`, if a dict, receives every intermediate result under the names of the reference fixtures
         (vit_patch_embed_out, vit_layer{i}_out, adapter_glu_out, adapter_out_with_boi_eoi, inputs_embeds,
         decoder_layer{i}_out, final_norm_out).
@@ -117,16 +119,18 @@ class CogVLM(nn.Module):
         if kv_caches is None and attention_mask is not None and bool(attention_mask.all()):
             key_valid = None  # no padding: plain causal attention (the flash path)
         h = self.llm(x, position_ids, route, key_valid, kv_caches, cache_pos, trace)
-        if last_logits_only:
-            h = h[:, -1:]
-        logits = self.llm.lm_head(h).float()
         loss = None
         if labels is not None:
             # Position t predicts token t+1, so shift by one; a mean over the labelled positions, as the reference.
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=IGNORE_INDEX
-            )
-        return Output(logits=logits, loss=loss)
+            # Only those positions go through lm_head: the (L x vocab) logits of image and prompt are never needed.
+            target = labels[:, 1:].to(h.device)
+            labelled = target != IGNORE_INDEX
+            loss = F.cross_entropy(self.llm.lm_head(h[:, :-1][labelled]).float(), target[labelled])
+        if not return_logits:
+            return Output(logits=None, loss=loss)
+        if last_logits_only:
+            h = h[:, -1:]
+        return Output(logits=self.llm.lm_head(h).float(), loss=loss)
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         """One static cache per decoder layer, on that layer's device unless `device` is given."""

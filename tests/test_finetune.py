@@ -124,8 +124,10 @@ def test_training_loss_matches_the_model_loss(fixture_model_dir, tok, shapes_dat
     batch = collate(items, tok.pad_id)
     assert batch["pixel_values"].shape[0] == 2 and not batch["attention_mask"].all()
     loss, n = training_loss(model, batch)
-    ref = model(**{k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "pixel_values")},
-                labels=batch["labels"]).loss
+    # Independent reference: the full logits of every position, shifted, cross-entropy ignoring -100.
+    logits = model(**{k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "pixel_values")}).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                            ignore_index=-100)
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
 
