@@ -21,6 +21,7 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.convert import expected_shapes, name_table  # noqa: E402
 from cogvlm.convert.checkpoint import DTYPES  # noqa: E402
 from cogvlm.convert.names import hub_buffers  # noqa: E402
+from cogvlm.llm import rope_inv_freq  # noqa: E402
 
 
 def main() -> None:
@@ -56,8 +57,7 @@ def main() -> None:
 
     for name, shape, ours in hub:
         if ours == "inv_freq":
-            d = cfg.text.head_dim
-            t = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            t = rope_inv_freq(cfg.text.head_dim, cfg.text.rope_theta)
         else:
             t = init_(ours, torch.empty(shape, device=device, dtype=torch.float32), gen)
         shard[name] = t.to(dtype).cpu()

@@ -33,13 +33,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps)).to(weight.dtype)  # x * rsqrt(mean(x^2) + eps)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 rotary frequencies 1 / theta^(2j/head_dim) (the hub checkpoints store them as buffers)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) position ids -> cos, sin of shape (B, L, 1, 1, head_dim/2), fp32; angle = pos / theta^(2j/head_dim).
 
     The two singleton axes broadcast over (q|k, heads) of the projected (B, L, 2, H, head_dim) queries and keys."""
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    angles = position_ids[:, :, None, None, None].float() * inv_freq
+    angles = position_ids[:, :, None, None, None].float() * rope_inv_freq(head_dim, theta, position_ids.device)
     return angles.cos(), angles.sin()
 
 

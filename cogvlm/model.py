@@ -72,9 +72,10 @@ class CogVLM(nn.Module):
         if token_type_ids is not None and pixel_values is not None:
             image_pos = (token_type_ids == VISION_TOKEN_TYPE).to(x.device)
             features = self.encode_images(pixel_values, trace).to(device=x.device, dtype=x.dtype)
-            if image_pos.sum().item() != features.shape[0] * features.shape[1]:
+            n_pos = int(image_pos.sum())
+            if n_pos != features.shape[0] * features.shape[1]:
                 raise ValueError(
-                    f"token_type_ids mark {image_pos.sum().item()} image positions, but {features.shape[0]} "
+                    f"token_type_ids mark {n_pos} image positions, but {features.shape[0]} "
                     f"image(s) give {features.shape[1]} embeddings each; each image needs exactly "
                     f"{self.cfg.num_image_tokens} positions of token type {VISION_TOKEN_TYPE}"
                 )

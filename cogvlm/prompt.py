@@ -20,13 +20,12 @@ from typing import Sequence
 import torch
 
 from .model import IGNORE_INDEX  # the label of positions that carry no loss
+from .visual_expert import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 
 __all__ = ["TEMPLATES", "IGNORE_INDEX", "format_prompt", "image_token_count", "build_inputs", "pad_batch"]
 
 TEMPLATES = ("base", "chat", "vqa")
 
-# Token types of the reference: LANGUAGE_TOKEN_TYPE = 0, VISION_TOKEN_TYPE = 1.
-LANGUAGE, VISION = 0, 1
 
 # The answer cue after each question (reference `_history_to_prompt`): vqa asks for a short answer.
 _ANSWER_CUE = {"chat": "Answer:", "vqa": "Short answer:"}
@@ -89,7 +88,7 @@ def build_inputs(
         raise ValueError(f"input is {total} tokens ({parts}), over the limit of {max_length}; shorten {what}")
 
     input_ids = [tokenizer.bos_id] + [tokenizer.pad_id] * n_img + text_ids + answer_ids
-    token_type_ids = [LANGUAGE] + [VISION] * n_img + [LANGUAGE] * (len(text_ids) + len(answer_ids))
+    token_type_ids = [LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * n_img + [LANGUAGE_TOKEN_TYPE] * (len(text_ids) + len(answer_ids))
     out = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "token_type_ids": torch.tensor(token_type_ids, dtype=torch.long),
@@ -116,7 +115,7 @@ def pad_batch(inputs: Sequence[dict], pad_id: int = 0, side: str = "left") -> di
     if any(has_labels) and not all(has_labels):
         raise ValueError("either all inputs or none must have labels")
 
-    fill = {"input_ids": pad_id, "token_type_ids": LANGUAGE, "attention_mask": 0, "labels": IGNORE_INDEX}
+    fill = {"input_ids": pad_id, "token_type_ids": LANGUAGE_TOKEN_TYPE, "attention_mask": 0, "labels": IGNORE_INDEX}
     keys = ["input_ids", "token_type_ids", "attention_mask"] + (["labels"] if has_labels[0] else [])
     rows = []
     for x in inputs:

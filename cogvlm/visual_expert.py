@@ -20,6 +20,7 @@ from torch import nn
 from .config import TextConfig
 from .fusion import fused
 
+LANGUAGE_TOKEN_TYPE = 0  # token_type_ids value of text (and padding) positions
 VISION_TOKEN_TYPE = 1  # token_type_ids value of the image positions (boi, patches, eoi)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIG_FILE, CogVLMConfig
+from ..llm import rope_inv_freq
 from .checkpoint import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
@@ -134,8 +135,7 @@ def export_hf(
                     written_dtype = tensor.dtype
                     for hub_name, part in to_hub(by_ours[key], tensor).items():
                         writer.add(hub_name, part.clone())
-        head_dim, theta = cfg.text.head_dim, cfg.text.rope_theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = rope_inv_freq(cfg.text.head_dim, cfg.text.rope_theta)
         for name in hub_buffers(cfg):
             writer.add(name, inv_freq.to(written_dtype or torch.float32).clone())
         writer.close()
