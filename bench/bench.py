@@ -194,8 +194,7 @@ def run_accuracy(args) -> dict:
     with torch.no_grad():
         ref = model(ids, types, pixel_values=pixels.float(), trace=ref_trace).logits[0]
         ref_trace = {k: v.cpu() for k, v in ref_trace.items()}
-        for p in model.parameters():
-            p.data = p.data.bfloat16()
+        model.set_dtype(torch.bfloat16)
         out = model(ids, types, pixel_values=pixels, trace=trace).logits[0]
     text = types[0] == 0
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731

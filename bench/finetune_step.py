@@ -44,7 +44,7 @@ def config(name: str) -> CogVLMConfig:
 
 def random_model(cfg: CogVLMConfig, device: torch.device, dtype: torch.dtype) -> CogVLM:
     with torch.device("meta"):
-        model = CogVLM(cfg).to(dtype)  # dtype first, on meta: the GPU never holds an fp32 copy
+        model = CogVLM(cfg).set_dtype(dtype)  # dtype first, on meta: the GPU never holds an fp32 copy
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

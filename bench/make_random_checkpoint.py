@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.random_weights import init_  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.convert import expected_shapes, name_table  # noqa: E402
-from cogvlm.convert.checkpoint import DTYPES  # noqa: E402
+from cogvlm.shards import DTYPES  # noqa: E402
 from cogvlm.convert.names import hub_buffers  # noqa: E402
 from cogvlm.llm import rope_inv_freq  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cogvlm.config import CogVLMConfig
-from cogvlm.loading import set_parameter
+from cogvlm.loading import set_tensor
 from cogvlm.model import CogVLM
 
 
@@ -31,11 +31,11 @@ def random_model(cfg: CogVLMConfig, device="cuda", dtype=torch.bfloat16, seed: i
     `place(name) -> device`, if given, moves each parameter to its own device after drawing it on `device`, so a
     split model holds exactly the weights of the single-device one made with the same seed."""
     with torch.device("meta"):
-        model = CogVLM(cfg)
+        model = CogVLM(cfg, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         t = init_(name, torch.empty(p.shape, device=device, dtype=torch.float32), gen).bfloat16().to(dtype)
-        set_parameter(model, name, t if place is None else t.to(place(name)))
+        set_tensor(model, name, t if place is None else t.to(place(name)))
     return model.eval()
 
 

@@ -25,14 +25,14 @@ class Adapter(nn.Module):
         self.boi = nn.Parameter(torch.empty(1, 1, d))  # begin-of-image vector
         self.eoi = nn.Parameter(torch.empty(1, 1, d))  # end-of-image vector
 
-    def glu(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, N, D_vit) patch features (cls already dropped) -> (B, N, D)."""
-        x = F.gelu(self.norm(self.proj(patches.to(self.proj.weight.dtype))))
+    def glu(self, patches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, N, D_vit) patch features (cls already dropped) -> (B, N, D), computed in `dtype`."""
+        x = F.gelu(self.norm(self.proj(patches.to(dtype))))
         return self.down(silu_gate(self.gate_up(x)))
 
-    def forward(self, vit_out: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+    def forward(self, vit_out: torch.Tensor, dtype: torch.dtype, trace: dict | None = None) -> torch.Tensor:
         """(B, 1+N, D_vit) ViT output, cls first -> (B, N+2, D) image embeddings with boi and eoi."""
-        x = self.glu(vit_out[:, 1:])  # the cls token is not used by CogVLM
+        x = self.glu(vit_out[:, 1:], dtype)  # the cls token is not used by CogVLM
         B = x.shape[0]
         out = torch.cat([self.boi.expand(B, -1, -1), x, self.eoi.expand(B, -1, -1)], dim=1)
         if trace is not None:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .convert.checkpoint import DTYPES
+from .shards import DTYPES
 from .prompt import TEMPLATES
 
 DEFAULT_MODEL = "THUDM/cogvlm-chat-hf"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from .layout import image_token_count
 
 
 @dataclass
@@ -87,7 +88,7 @@ class CogVLMConfig:
     @property
     def num_image_tokens(self) -> int:
         """Sequence positions an image occupies: boi, one per patch, eoi."""
-        return self.vision.num_patches + 2
+        return image_token_count(self.vision.image_size, self.vision.patch_size)
 
     # -- the hub's config.json -------------------------------------------------------------------------------------
     @classmethod

@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 
 from .image import ImageError, preprocess
-from .prompt import TEMPLATES, build_inputs, image_token_count, pad_batch
+from .layout import image_token_count
+from .prompt import TEMPLATES, build_inputs, pad_batch
 
 MAX_REPORTED_ERRORS = 20
 

@@ -22,7 +22,7 @@ from itertools import accumulate
 import torch
 
 from .config import CogVLMConfig
-from .convert.checkpoint import DTYPES
+from .shards import DTYPES
 from .model import CogVLM
 
 GiB = 2**30

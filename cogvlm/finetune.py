@@ -49,11 +49,13 @@ from torch import nn
 
 from .config import CONFIG_FILE, CogVLMConfig
 from .convert import TOKENIZER_FILE, _write_config
-from .convert.checkpoint import DEFAULT_SHARD_BYTES, DTYPES, ShardWriter, atomic_folder, list_shards, parse_dtype
+from .shards import DEFAULT_SHARD_BYTES, DTYPES, ShardWriter, atomic_folder, list_shards, parse_dtype
 from .data import ConversationDataset
 from .generate import DecodeSession
-from .lora import DEFAULT_TARGETS, LoRALinear, apply_lora, merge_lora, select
-from .model import IGNORE_INDEX, CogVLM
+from .lora import DEFAULT_TARGETS, LoRALinear, apply_lora, merge_lora
+from .swap import select
+from .layout import IGNORE_INDEX
+from .model import CogVLM
 from .prompt import build_inputs, pad_batch
 from .tokenizer import Tokenizer
 
@@ -114,7 +116,7 @@ def build_model(config: str | Path | CogVLMConfig, seed: int = 0, device=None, d
     cfg = config if isinstance(config, CogVLMConfig) else CogVLMConfig.load(config)
     model = init_weights(CogVLM(cfg), seed, std)
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).set_dtype(dtype).eval()
 
 
 def save_model(

@@ -12,8 +12,8 @@ from typing import Iterator
 import torch
 
 from .fusion import fused_kernels
-from .model import CogVLM, build_position_ids
-from .visual_expert import VISION_TOKEN_TYPE
+from .layout import VISION_TOKEN_TYPE, build_position_ids
+from .model import CogVLM
 
 
 class DecodeSession:
@@ -254,8 +254,7 @@ def _decode(model, input_ids, token_type_ids, attention_mask, pixel_values, max_
     B, L = input_ids.shape
     session = DecodeSession(model, B, L + max_new_tokens)
     if pixel_values is not None:
-        vision_param = next(model.vision.parameters())
-        pixel_values = pixel_values.to(device=vision_param.device, dtype=vision_param.dtype)
+        pixel_values = pixel_values.to(device=model.vision.patch_embed.proj.weight.device, dtype=model.dtype)
     logits = session.prefill(input_ids, token_type_ids, attention_mask, pixel_values)
     device = logits.device
     rows = torch.arange(B, device=device)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .config import CONFIG_FILE
 from .convert import TOKENIZER_FILE, convert
-from .convert.checkpoint import INDEX_FILES, SINGLE_FILES, CheckpointError
+from .shards import INDEX_FILES, SINGLE_FILES, CheckpointError
 
 __all__ = ["resolve", "cache_root", "download", "ALLOW_PATTERNS", "TOKENIZER_REPO"]
 

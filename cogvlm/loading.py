@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import CONFIG_FILE, CogVLMConfig
 from .convert import TOKENIZER_FILE
-from .convert.checkpoint import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
+from .shards import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
 from .hub import resolve
 from .model import CogVLM
 from .tokenizer import Tokenizer
@@ -28,7 +29,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None,
-               device_map=None, max_memory=None, plan_options: dict | None = None) -> CogVLM:
+               device_map=None, max_memory=None, plan_options: dict | None = None,
+               prepare: Callable[[CogVLM], None] | None = None, model_class: type[CogVLM] = CogVLM) -> CogVLM:
     """A `CogVLM` with the weights of `path` (hub id, hub-layout or converted folder), in eval mode, gradients off.
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
@@ -37,14 +39,21 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     `max_memory` budgets); it is planned before any weight is read, and each weight goes straight to its block's
     device; `plan_options` (batch_size, context) size the KV cache that "auto"/"balanced" reserve (default batch 1,
     full context). Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
+
+    `prepare(model)`, if given, runs on the meta-device model before any tensor is read: the seam where modules are
+    swapped in from outside (quantized or tensor-parallel linears, see `cogvlm.swap`), after which the checkpoint must
+    hold the swapped model's tensors. Floating-point tensors are cast to `dtype`; integer tensors (quantized weights)
+    are loaded as they are stored. `model_class` is the class built (the convenience API's subclass by default there).
     """
     path = resolve(path, revision=revision, tokenizer=tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or default_dtype(device)
     cfg = CogVLMConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     with torch.device("meta"):
-        model = CogVLM(cfg)
-    expected = dict(model.named_parameters())
+        model = model_class(cfg, dtype=dtype)
+        if prepare is not None:
+            prepare(model)
+    expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers (quantization scales)
     blocks = None
     if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
         from .device_map import apply_device_map, block_devices, device_for_param
@@ -65,7 +74,8 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
                         f"{tuple(expected[name].shape)}"
                     )
                 target = device if blocks is None else device_for_param(blocks, name)
-                set_parameter(model, name, tensor.to(device=target, dtype=dtype))
+                cast = dtype if tensor.is_floating_point() else tensor.dtype  # integers (quantized) stay as stored
+                set_tensor(model, name, tensor.to(device=target, dtype=cast))
                 loaded.add(name)
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -79,8 +89,11 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     return model.eval()
 
 
-def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace the (meta) parameter `name` by `tensor`, without copying."""
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter or buffer `name` by `tensor`, without copying."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))

@@ -15,31 +15,9 @@ from torch import nn
 from .adapter import Adapter
 from .config import CogVLMConfig
 from .llm import KVCache, LanguageModel
-from .visual_expert import VISION_TOKEN_TYPE, ExpertRoute
+from .layout import IGNORE_INDEX, VISION_TOKEN_TYPE, build_position_ids
+from .visual_expert import ExpertRoute
 from .vit import VisionTransformer
-
-IGNORE_INDEX = -100  # label of positions that carry no loss (bos, image, prompt, padding)
-
-
-def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) token types -> (B, L) rotary position ids, as the reference's latest hub revision computes them.
-
-    The whole image spans three positions: boi and eoi count as text, and the N patches share a single position
-    (the first patch advances it, the others do not). Pads (mask 0) never advance it. Position 0 is always 0, so
-    after left padding the first real token (bos) sits at position 1; rotary is relative, so this changes nothing.
-    """
-    types = token_type_ids.clone()
-    if attention_mask is not None:
-        types[attention_mask == 0] = -1
-    is_image = types == VISION_TOKEN_TYPE
-    prev_is_text = F.pad(types[:, :-1] == 0, (1, 0), value=True)
-    next_is_text = F.pad(types[:, 1:] == 0, (0, 1), value=True)
-    types[is_image & (prev_is_text | next_is_text)] = 0  # boi and eoi count as text
-    first_patch = (types == VISION_TOKEN_TYPE) & F.pad(types[:, :-1] == 0, (1, 0), value=False)
-    advances = (types == 0) | first_patch
-    advances[:, 0] = False
-    return advances.long().cumsum(dim=1)
-
 
 @dataclass
 class Output:
@@ -48,9 +26,12 @@ class Output:
 
 
 class CogVLM(nn.Module):
-    def __init__(self, cfg: CogVLMConfig):
+    def __init__(self, cfg: CogVLMConfig, dtype: torch.dtype | None = None):
         super().__init__()
         self.cfg = cfg
+        # The compute dtype, owned here rather than read from a weight (a quantized linear stores integers): the ViT
+        # and adapter sublayers and the KV caches use it; the decoder's sublayers follow their RMSNorm weights.
+        self.dtype = dtype or torch.get_default_dtype()
         self.vision = VisionTransformer(cfg.vision)
         self.adapter = Adapter(cfg)
         self.llm = LanguageModel(cfg.text)
@@ -64,7 +45,7 @@ class CogVLM(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> (B, N+2, D) embeddings, boi and eoi included."""
-        return self.adapter(self.vision(pixel_values, trace), trace)
+        return self.adapter(self.vision(pixel_values, self.dtype, trace), self.dtype, trace)
 
     def embed(self, input_ids, token_type_ids=None, pixel_values=None, trace=None) -> torch.Tensor:
         """Token embeddings with the image positions overwritten by the image features, row-major over the batch."""
@@ -133,15 +114,21 @@ class CogVLM(nn.Module):
             h = h[:, -1:]
         return Output(logits=self.llm.lm_head(h).float(), loss=loss)
 
+    def set_dtype(self, dtype: torch.dtype) -> "CogVLM":
+        """Cast the floating-point weights to `dtype` and compute in it (integer tensors, e.g. quantized weights, stay
+        as they are). Use this rather than `model.to(dtype)`, which would leave the compute dtype behind."""
+        self.to(dtype)
+        self.dtype = dtype
+        return self
+
     def new_kv_caches(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        """One static cache per decoder layer, on that layer's device unless `device` is given."""
-        t = self.cfg.text
+        """One static cache per decoder layer, shaped by that layer's attention (its heads, its head size: a
+        tensor-parallel attention holds fewer heads), on that layer's device unless `device` is given."""
         caches = []
         for layer in self.llm.layers:
-            w = layer.attn.language_expert_qkv.weight
-            caches.append(
-                KVCache(batch_size, t.num_attention_heads, max_len, t.head_dim, dtype or w.dtype, device or w.device)
-            )
+            attn = layer.attn
+            caches.append(KVCache(batch_size, attn.num_heads, max_len, attn.head_dim, dtype or self.dtype,
+                                  device or layer.attn_norm.weight.device))
         return caches
 
     # -- generation and chat: thin wrappers over cogvlm.generate and cogvlm.chat -------------------------------------

@@ -19,8 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .model import IGNORE_INDEX  # the label of positions that carry no loss
-from .visual_expert import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from .layout import IGNORE_INDEX, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, image_token_count
 
 __all__ = ["TEMPLATES", "IGNORE_INDEX", "format_prompt", "image_token_count", "build_inputs", "pad_batch"]
 
@@ -45,11 +44,6 @@ def format_prompt(query: str, history: Sequence[tuple[str, str]] | None = None, 
     cue = _ANSWER_CUE[template]
     turns = "".join(f"Question: {q} {cue} {a}\n" for q, a in (history or []))
     return f"{turns}Question: {query} {cue}"
-
-
-def image_token_count(image_size: int, patch_size: int) -> int:
-    """Positions one image occupies: a (image_size // patch_size)^2 patch grid plus boi and eoi."""
-    return (image_size // patch_size) ** 2 + 2
 
 
 def build_inputs(

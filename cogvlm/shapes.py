@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .convert.checkpoint import atomic_folder
+from .shards import atomic_folder
 
 COLOURS = {
     "red": (220, 20, 20),

@@ -19,9 +19,8 @@ from torch import nn
 
 from .config import TextConfig
 from .fusion import fused
+from .layout import VISION_TOKEN_TYPE
 
-LANGUAGE_TOKEN_TYPE = 0  # token_type_ids value of text (and padding) positions
-VISION_TOKEN_TYPE = 1  # token_type_ids value of the image positions (boi, patches, eoi)
 
 
 @dataclass
@@ -84,6 +83,7 @@ class VisualExpertAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
         # QKV output is laid out [q | k | v], each (heads, head_dim); no biases in CogVLM-17B's decoder.
         self.vision_expert_qkv = nn.Linear(d, 3 * d, bias=False)
         self.language_expert_qkv = nn.Linear(d, 3 * d, bias=False)

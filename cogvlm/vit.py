@@ -26,7 +26,7 @@ class PatchEmbedding(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_positions, cfg.hidden_size))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.proj(images.to(self.proj.weight.dtype))  # (B, D, H/p, W/p)
+        x = self.proj(images)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         cls = self.cls_token.expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
@@ -66,15 +66,15 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # applied to the MLP OUTPUT
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The residual stream x stays in fp32 (see VisionTransformer); each sublayer runs in the weights' dtype.
-        dtype = self.attn.qkv.weight.dtype
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # The residual stream x stays in fp32 (see VisionTransformer); each sublayer runs in the compute dtype.
         x = x + self.attn_norm(self.attn(x.to(dtype))).float()
         return x + self.mlp_norm(self.mlp(x.to(dtype))).float()
 
 
 class VisionTransformer(nn.Module):
-    """EVA2-CLIP-E: (B, 3, S, S) pixels -> (B, 1 + N, D_vit) fp32 features, cls first."""
+    """EVA2-CLIP-E: (B, 3, S, S) pixels -> (B, 1 + N, D_vit) fp32 features, cls first. The sublayers run in `dtype`,
+    the model's compute dtype (bf16 on GPUs), whatever the weights are stored as (a quantized linear holds integers)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -82,18 +82,18 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False  # recompute each block in backward instead of storing its activations
 
-    def forward(self, images: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, dtype: torch.dtype, trace: dict | None = None) -> torch.Tensor:
         # The residual stream is kept in fp32 whatever the weights' dtype: with post-sublayer LayerNorm it grows layer
         # after layer, and rounding it to bf16 at every addition was the largest source of bf16-vs-fp32 error
         # (measured: 40 % less error at the ViT output for a few hundred KB of extra activations).
-        x = self.patch_embed(images).float()
+        x = self.patch_embed(images.to(dtype)).float()
         if trace is not None:
             trace["vit_patch_embed_out"] = x
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, dtype, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, dtype)
             if trace is not None:
                 trace[f"vit_layer{i}_out"] = x
         if trace is not None:

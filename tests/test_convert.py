@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogvlm.convert import CheckpointError, convert, export_hf
-from cogvlm.convert import checkpoint as ckpt
+from cogvlm import shards as ckpt
 from cogvlm.model import CogVLM
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))

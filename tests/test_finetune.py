@@ -24,7 +24,8 @@ from cogvlm.finetune import (
 from cogvlm.image import preprocess
 from cogvlm.lora import LoRALinear
 from cogvlm.model import CogVLM
-from cogvlm.prompt import build_inputs, image_token_count
+from cogvlm.layout import image_token_count
+from cogvlm.prompt import build_inputs
 from cogvlm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).parent.parent

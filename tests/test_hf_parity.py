@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from cogvlm.convert import convert, name_table, to_hub
 from cogvlm.generate import DecodeSession
-from cogvlm.model import CogVLM, build_position_ids
+from cogvlm.layout import build_position_ids
+from cogvlm.model import CogVLM
 from cogvlm.visual_expert import vision_expert_mask
 
 from .conftest import record_error

@@ -12,7 +12,8 @@ from torch import nn
 
 from cogvlm.convert import convert
 from cogvlm.finetune import save_model
-from cogvlm.lora import LoRALinear, apply_lora, compile_pattern, lora_state_dict, matches, merge_lora, select
+from cogvlm.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from cogvlm.swap import compile_pattern, matches, select
 from cogvlm.model import CogVLM
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))

@@ -13,7 +13,8 @@ from cogvlm.config import CogVLMConfig, TextConfig, VisionConfig
 from cogvlm.convert import convert
 from cogvlm.generate import DecodeSession
 from cogvlm.llm import RMSNorm
-from cogvlm.model import CogVLM, build_position_ids
+from cogvlm.layout import build_position_ids
+from cogvlm.model import CogVLM
 from cogvlm.visual_expert import vision_expert_mask
 from cogvlm.vit import VisionBlock
 
@@ -68,7 +69,7 @@ def test_vit_layernorm_comes_after_each_sublayer():
         torch.nn.init.zeros_(norm.weight)
         torch.nn.init.zeros_(norm.bias)
     x = torch.randn(2, 5, 32)
-    assert torch.equal(block(x), x)
+    assert torch.equal(block(x, torch.float32), x)
 
 
 @pytest.fixture(scope="module")

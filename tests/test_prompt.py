@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogvlm.prompt import TEMPLATES, build_inputs, format_prompt, image_token_count, pad_batch
+from cogvlm.layout import image_token_count
+from cogvlm.prompt import TEMPLATES, build_inputs, format_prompt, pad_batch
 from cogvlm.tokenizer import Tokenizer
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))

@@ -16,7 +16,7 @@ import torch
 
 from ..config import CONFIG_FILE, CogVLMConfig
 from ..llm import rope_inv_freq
-from .checkpoint import (
+from ..shards import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
     ShardWriter,

@@ -1,4 +1,5 @@
-"""Reading and writing sharded checkpoints, one tensor at a time.
+"""Reading and writing sharded checkpoints, one tensor at a time: the one tensor reader/writer of the project
+(conversion, loading, quantized checkpoints, fine-tuning checkpoints) and its one atomic-folder helper.
 
 The real checkpoint is 35 GB, so nothing here ever holds the whole model: readers open one shard at a time (safetensors
 are memory-mapped; `.bin` shards are read with `torch.load(weights_only=True)`, which refuses any pickled object that
@@ -7,6 +8,7 @@ folder that is renamed into place only when complete, so an interrupted run leav
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -175,3 +177,37 @@ def atomic_folder(dst: Path, force: bool = False):
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
+
+
+def write_tensors(folder: Path, stem: str, tensors, max_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """Write (name, tensor) pairs as `stem-00000.safetensors`, `stem-00001...` of at most `max_bytes` each (tensors
+    copied to the CPU); returns the file names. For small state (optimizer, RNG, adapters) beside a model."""
+    part, size, names = {}, 0, []
+
+    def flush():
+        names.append(f"{stem}-{len(names):05d}.safetensors")
+        save_file(part, str(Path(folder) / names[-1]))
+
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous().clone()
+        nbytes = t.numel() * t.element_size()
+        if part and size + nbytes > max_bytes:
+            flush()
+            part, size = {}, 0
+        part[name] = t
+        size += nbytes
+    flush()
+    return names
+
+
+def read_tensors(folder: Path, stem: str, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of `stem-*.safetensors` in `folder` (see `write_tensors`)."""
+    files = sorted(glob.glob(str(Path(folder) / f"{stem}-*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{folder} has no {stem}-*.safetensors")
+    out = {}
+    for file in files:
+        with open_shard(Path(file), device=str(device)) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
