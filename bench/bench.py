@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.random_weights import param_bytes, random_model  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
-from cogvlm.model import CogVLM  # noqa: E402
+from cogvlm import CogVLM  # noqa: E402
 
 
 def cuda_time(fn, warmup: int = 2, iters: int = 5) -> float:

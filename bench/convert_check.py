@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import cuda_time, make_prompt  # noqa: E402
-from cogvlm.model import CogVLM  # noqa: E402
+from cogvlm import CogVLM  # noqa: E402
 
 
 def main() -> None:

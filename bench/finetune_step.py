@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from cogvlm.config import CogVLMConfig, TextConfig, VisionConfig  # noqa: E402
 from cogvlm.finetune import select_trainable, set_gradient_checkpointing, training_loss  # noqa: E402
-from cogvlm.model import CogVLM  # noqa: E402
+from cogvlm import CogVLM  # noqa: E402
 
 DEFAULT_CASES = ["experts:fp32", "experts:bf16", "lora:fp32", "full:fp32"]
 

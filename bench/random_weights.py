@@ -12,7 +12,7 @@ from torch import nn
 
 from cogvlm.config import CogVLMConfig
 from cogvlm.loading import set_tensor
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 
 
 def init_(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -945,7 +945,9 @@ def evaluate_only(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype = _resolve_device_dtype(TrainConfig(data="", out="", device=args.device, dtype=args.dtype))
     folder = _resolve_model(args.model, args.tokenizer)
-    model = CogVLM.from_pretrained(folder, device=device, dtype=dtype)
+    from .api import CogVLM as WithAPI
+
+    model = WithAPI.from_pretrained(folder, device=device, dtype=dtype)
     tokenizer = Tokenizer(args.tokenizer or folder / TOKENIZER_FILE)
     data = ConversationDataset(args.eval_data, tokenizer, model.cfg.vision.image_size, model.cfg.vision.patch_size,
                                args.template or model.cfg.template_version, args.max_length or 2048,

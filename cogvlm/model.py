@@ -36,13 +36,6 @@ class CogVLM(nn.Module):
         self.adapter = Adapter(cfg)
         self.llm = LanguageModel(cfg.text)
 
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "CogVLM":
-        """Load a converted checkpoint folder (see `cogvlm.loading.load_model`)."""
-        from .loading import load_model
-
-        return load_model(path, device=device, dtype=dtype, **kwargs)
-
     def encode_images(self, pixel_values: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> (B, N+2, D) embeddings, boi and eoi included."""
         return self.adapter(self.vision(pixel_values, self.dtype, trace), self.dtype, trace)
@@ -130,30 +123,3 @@ class CogVLM(nn.Module):
             caches.append(KVCache(batch_size, attn.num_heads, max_len, attn.head_dim, dtype or self.dtype,
                                   device or layer.attn_norm.weight.device))
         return caches
-
-    # -- generation and chat: thin wrappers over cogvlm.generate and cogvlm.chat -------------------------------------
-    # `from_pretrained` sets `self.tokenizer` (a cogvlm.tokenizer.Tokenizer) when the checkpoint has one.
-
-    def generate(self, input_ids, token_type_ids=None, attention_mask=None, pixel_values=None, **kwargs):
-        """New token ids per row (list of lists, each ending with eos when one came); see `cogvlm.generate`."""
-        from .generate import generate
-
-        return generate(self, input_ids, token_type_ids, attention_mask, pixel_values, **kwargs)
-
-    def chat(self, image, query: str, history=None, template: str | None = None, **kwargs) -> str:
-        """The answer to `query` about `image` (path, bytes, PIL image, or None); see `cogvlm.chat`."""
-        from .chat import chat
-
-        return chat(self, image, query, history, template, **kwargs)
-
-    def stream_chat(self, image, query: str, history=None, template: str | None = None, **kwargs):
-        """The same answer as `chat`, yielded piece by piece as it is generated."""
-        from .chat import stream_chat
-
-        return stream_chat(self, image, query, history, template, **kwargs)
-
-    def chat_batch(self, images, queries, histories=None, template=None, **kwargs) -> list[str]:
-        """Answers to many conversations at once (e.g. captioning), each equal to `chat` on it alone."""
-        from .chat import chat_batch
-
-        return chat_batch(self, images, queries, histories, template, **kwargs)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cogvlm.convert import CheckpointError, convert, export_hf
 from cogvlm import shards as ckpt
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))
 MODEL_DIR = FIXTURES / json.loads((FIXTURES / "manifest.json").read_text()).get("model_dir", "model")

@@ -16,7 +16,7 @@ from cogvlm import device_map as dm
 from cogvlm.config import CogVLMConfig
 from cogvlm.convert import convert
 from cogvlm.generate import DecodeSession
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 from cogvlm.visual_expert import ExpertRoute
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))

@@ -23,7 +23,7 @@ from cogvlm.finetune import (
 )
 from cogvlm.image import preprocess
 from cogvlm.lora import LoRALinear
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 from cogvlm.layout import image_token_count
 from cogvlm.prompt import build_inputs
 from cogvlm.tokenizer import Tokenizer

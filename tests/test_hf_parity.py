@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from cogvlm.convert import convert, name_table, to_hub
 from cogvlm.generate import DecodeSession
 from cogvlm.layout import build_position_ids
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 from cogvlm.visual_expert import vision_expert_mask
 
 from .conftest import record_error

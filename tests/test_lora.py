@@ -14,7 +14,7 @@ from cogvlm.convert import convert
 from cogvlm.finetune import save_model
 from cogvlm.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from cogvlm.swap import compile_pattern, matches, select
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())

@@ -14,7 +14,7 @@ from cogvlm.convert import convert
 from cogvlm.generate import DecodeSession
 from cogvlm.llm import RMSNorm
 from cogvlm.layout import build_position_ids
-from cogvlm.model import CogVLM
+from cogvlm import CogVLM
 from cogvlm.visual_expert import vision_expert_mask
 from cogvlm.vit import VisionBlock
 
