@@ -18,6 +18,7 @@ from .convert import TOKENIZER_FILE
 from .shards import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
 from .hub import resolve
 from .model import CogVLM
+from .quantize import QuantSpec, check_device, pack_model, quantize_model, requested_spec
 from .tokenizer import Tokenizer
 
 
@@ -30,7 +31,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(path: str | Path, device=None, dtype=None, revision: str | None = None, tokenizer=None,
                device_map=None, max_memory=None, plan_options: dict | None = None,
-               prepare: Callable[[CogVLM], None] | None = None, model_class: type[CogVLM] = CogVLM) -> CogVLM:
+               prepare: Callable[[CogVLM], None] | None = None, model_class: type[CogVLM] = CogVLM,
+               quantize: str | None = None, group_size: int | None = None,
+               quantize_vision: bool | None = None) -> CogVLM:
     """A `CogVLM` with the weights of `path` (hub id, hub-layout or converted folder), in eval mode, gradients off.
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
@@ -44,21 +47,33 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     swapped in from outside (quantized or tensor-parallel linears, see `cogvlm.swap`), after which the checkpoint must
     hold the swapped model's tensors. Floating-point tensors are cast to `dtype`; integer tensors (quantized weights)
     are loaded as they are stored. `model_class` is the class built (the convenience API's subclass by default there).
+
+    `quantize="int8"|"int4"` quantizes a plain checkpoint while it is read (each weight on its device as it arrives,
+    so the full-precision model is never held): int4 in groups of `group_size` inputs (default 128), the ViT too
+    unless `quantize_vision=False` (see `cogvlm.quantize`). A checkpoint written by `cogvlm quantize` records its
+    quantization and loads quantized without these options.
     """
     path = resolve(path, revision=revision, tokenizer=tokenizer)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or default_dtype(device)
-    cfg = CogVLMConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    cfg = CogVLMConfig.from_dict(meta)
+    quantization = requested_spec(QuantSpec.from_config(meta), quantize, group_size, quantize_vision)
     with torch.device("meta"):
         model = model_class(cfg, dtype=dtype)
+        if quantization is not None:
+            quantize_model(model, quantization)
         if prepare is not None:
             prepare(model)
     expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers (quantization scales)
+    modules = dict(model.named_modules())
     blocks = None
     if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
         from .device_map import apply_device_map, block_devices, device_for_param
 
         blocks = block_devices(device_map, cfg, max_memory, dtype=dtype, **(plan_options or {}))
+    for target in set(blocks.values()) if blocks else [device]:
+        check_device(quantization, target, dtype)  # before any weight is read
     shards = list_shards(path)
     check_safetensors_headers(shards)
     loaded: set[str] = set()
@@ -67,16 +82,16 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
             for name in shard.keys():
                 if name not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r}; checkpoint and code versions differ")
-                tensor = shard.get_tensor(name)
-                if tensor.shape != expected[name].shape:
-                    raise CheckpointError(
-                        f"{file}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                        f"{tuple(expected[name].shape)}"
-                    )
                 target = device if blocks is None else device_for_param(blocks, name)
-                cast = dtype if tensor.is_floating_point() else tensor.dtype  # integers (quantized) stay as stored
-                set_tensor(model, name, tensor.to(device=target, dtype=cast))
-                loaded.add(name)
+                for key, tensor in _converted(modules, name, shard.get_tensor(name).to(target), file):
+                    if tensor.shape != expected[key].shape:
+                        raise CheckpointError(
+                            f"{file}: {key} has shape {tuple(tensor.shape)}, the config implies "
+                            f"{tuple(expected[key].shape)}"
+                        )
+                    cast = dtype if tensor.is_floating_point() else tensor.dtype  # integers (quantized) as stored
+                    set_tensor(model, key, tensor.to(dtype=cast))
+                    loaded.add(key)
     missing = sorted(expected.keys() - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s): {', '.join(missing[:10])}")
@@ -84,9 +99,24 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     if tokenizer and not tok_file.exists():
         raise CheckpointError(f"tokenizer file {tok_file} does not exist")
     model.tokenizer = Tokenizer(tok_file) if tok_file.exists() else None
+    if quantization is not None:
+        pack_model(model, dtype)  # each quantized layer takes its kernel's layout on its device
     if blocks is not None:
         apply_device_map(model, blocks)  # hooks that move activations to each block's device
     return model.eval()
+
+
+def _converted(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, file) -> list[tuple[str, torch.Tensor]]:
+    """The tensors to set for one tensor read: a swapped-in module may turn what it reads into its own tensors
+    (`convert_loaded`: a quantized linear quantizes a float weight of a plain checkpoint as it arrives)."""
+    module_name, _, attr = name.rpartition(".")
+    convert = getattr(modules.get(module_name), "convert_loaded", None)
+    if convert is None:
+        return [(name, tensor)]
+    try:
+        return [(f"{module_name}.{key}", t) for key, t in convert(attr, tensor)]
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {name}: {e}") from e
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
