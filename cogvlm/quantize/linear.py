@@ -108,6 +108,10 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 @fused  # compiled inside the graph-captured decode step: inductor reads only the int8 bytes at batch 1
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        # One row: spelled as the reduction inductor turns it into (its own rewrite of a one-row product needs
+        # coordinate-descent tuning on), so the conversion fuses into it and only int8 bytes are read.
+        return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1) * scales
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
@@ -125,7 +129,7 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
     """The int4 kernel to pack for ("cuda" or "cpu"), or None to keep the plain layout (see the module docstring)."""
     if dtype != torch.bfloat16:
         return None
-    if device.type == "cuda" and out_features % 8 == 0:
+    if device.type == "cuda" and out_features % 16 == 0:  # tinygemm's n-tile: 8 on NVIDIA, 16 on ROCm
         return "cuda"
     if device.type == "cpu" and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
@@ -196,7 +200,8 @@ class Int8Linear(QuantizedLinear):
     mode = "int8"
 
     def stored_shapes(self):
-        return {"weight": ((self.out_features, self.in_features), torch.int8), "scales": ((self.out_features,), SCALE_DTYPE)}
+        return {"weight": ((self.out_features, self.in_features), torch.int8),
+                "scales": ((self.out_features,), SCALE_DTYPE)}
 
     def quantize(self, w):
         return quantize_int8(w)
