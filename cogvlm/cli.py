@@ -15,6 +15,9 @@ import time
 from .shards import DTYPES
 from .prompt import TEMPLATES
 
+# Until this module becomes the package cogvlm/cli/, its command modules (cogvlm/cli/finetune.py) import from there.
+__path__ = [os.path.join(os.path.dirname(__file__), "cli")]
+
 DEFAULT_MODEL = "THUDM/cogvlm-chat-hf"
 NO_IMAGE = "none"  # `cogvlm ask none "question"`: a text-only prompt
 STDIN = "-"  # `cogvlm ask - "question" < photo.jpg`: the image's bytes come from stdin
@@ -422,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .device_map import add_plan_command
 
     add_plan_command(sub)  # `cogvlm plan`: which device holds which block, from memory budgets
-    from .finetune import add_finetune_command
+    from .cli import finetune  # cogvlm/cli/finetune.py (see __path__ above)
 
-    add_finetune_command(sub)  # `cogvlm finetune`: presets experts / lora / full, resume, export
+    finetune.add_parser(sub)  # `cogvlm finetune`: presets experts / lora / full, resume, export
     return parser
 
 
