@@ -3,7 +3,6 @@ computes; bad input gives one clear error and leaves nothing behind."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cogvlm import CogVLM
+from cogvlm.cli import main as cli_main
+from cogvlm.cli import quantize as quantize_command
+from cogvlm.cli.options import UsageError
 from cogvlm.quantize import Int4Linear, Int8Linear
 from cogvlm.quantize.checkpoint import quantize_checkpoint
 from cogvlm.shards import CheckpointError
@@ -24,13 +26,10 @@ HUB_FIXTURE = ROOT / "tests" / "fixtures" / "hf_reference" / "model"
 
 
 def command():
-    """The command module, loaded from its file (independent of how the CLI package registers it)."""
-    spec = importlib.util.spec_from_file_location("cogvlm.cli.quantize", ROOT / "cogvlm" / "cli" / "quantize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The command module and a parser holding only it (independent of its registration in cogvlm.cli)."""
     parser = argparse.ArgumentParser(prog="cogvlm")
-    module.add_parser(parser.add_subparsers(dest="command"))
-    return module, parser
+    quantize_command.add_parser(parser.add_subparsers(dest="command"))
+    return quantize_command, parser
 
 
 def logits(model) -> torch.Tensor:
@@ -105,8 +104,9 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path):
     module, parser = command()
     dst = tmp_path / "out"
     cases = [
-        (["--mode", "int4", "--group-size", "64"], ValueError, "does not divide the 96 input features"),
-        (["--mode", "int8", "--group-size", "64"], ValueError, "applies to --mode int4 only"),
+        (["--mode", "int4", "--group-size", "64"], ValueError,
+         "64 does not divide the 96 input features of adapter.gate_up; choose --group-size 32"),
+        (["--mode", "int8", "--group-size", "64"], UsageError, "is for --mode int4"),
     ]
     for extra, error, message in cases:
         with pytest.raises(error, match=message):
@@ -125,16 +125,26 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path):
 
 
 def test_the_command_parses_without_torch():
-    code = ("import sys, argparse, importlib.util as u; s = u.spec_from_file_location('cogvlm.cli.quantize', "
-            f"{str(ROOT / 'cogvlm' / 'cli' / 'quantize.py')!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-            "p = argparse.ArgumentParser(); m.add_parser(p.add_subparsers()); "
-            "p.parse_args(['quantize', 'a', 'b', '--mode', 'int4']); print('torch' in sys.modules)")
+    code = ("import sys, argparse; from cogvlm.cli import quantize as m; p = argparse.ArgumentParser(); "
+            "m.add_parser(p.add_subparsers()); p.parse_args(['quantize', 'a', 'b', '--mode', 'int4']); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_the_command_choices_are_the_library_ones():
+def test_the_option_choices_are_the_library_ones():
     from cogvlm import quantize
+    from cogvlm.cli import options
 
-    module, _ = command()
-    assert module.MODE_CHOICES == quantize.MODES and module.GROUP_SIZE_CHOICES == quantize.GROUP_SIZES
+    assert options.QUANTIZE_CHOICES == quantize.MODES and options.GROUP_SIZE_CHOICES == quantize.GROUP_SIZES
+
+
+def test_ask_quantizes_on_the_fly_and_rejects_options_without_quantize(capsys):
+    image = str(ROOT / "examples" / "images" / "shape0.png")
+    base = ["ask", "--model", str(TINY_SHAPES), "--device", "cpu", "--quiet", image, "Describe the image."]
+    assert cli_main(base + ["--quantize", "int4", "--group-size", "32"]) == 0
+    assert capsys.readouterr().out == "a blue triangle\n"
+    assert cli_main(base + ["--quantize", "int4"]) == 1  # group 128 does not divide the tiny model's width 96
+    assert "128 does not divide the 64 input features of vision.layers.0.attn.qkv" in capsys.readouterr().err
+    assert cli_main(base + ["--group-size", "32"]) == 2
+    assert "--group-size is for --quantize int4" in capsys.readouterr().err

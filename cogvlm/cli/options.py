@@ -15,6 +15,8 @@ STDIN = "-"  # `cogvlm ask - "question" < photo.jpg`: the image's bytes come fro
 STDIN_NAME = "<stdin>"  # how errors name it
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # = cogvlm.shards.DTYPES
 TEMPLATE_CHOICES = ("base", "chat", "vqa")  # = cogvlm.prompt.TEMPLATES
+QUANTIZE_CHOICES = ("int8", "int4")  # = cogvlm.quantize.MODES
+GROUP_SIZE_CHOICES = (32, 64, 128, 256)  # = cogvlm.quantize.GROUP_SIZES
 
 # Written out in the epilogs (raw text), never in an option's help: argparse re-wraps help text and would cut it.
 DEVICE_MAP_EXAMPLE = "vision=0,adapter=0,embed=0,layers.0-15=0,layers.16-31=1,norm=1,lm_head=1"
@@ -91,6 +93,13 @@ def model_options() -> argparse.ArgumentParser:
                    help="memory per device for --device-map auto/balanced, e.g. 0=20GiB,1=20GiB,cpu=60GiB "
                         "(given alone, it means --device-map auto)")
     g.add_argument("--quiet", "-q", action="store_true", help="no log lines or progress bar on stderr (errors stay)")
+    q = p.add_argument_group("quantization (docs/quantize.md; a `cogvlm quantize` folder loads quantized without it)")
+    q.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantize the weights while loading: int8 (CogVLM-17B in ~19 GB) or int4 (~11 GB)")
+    q.add_argument("--group-size", type=int, choices=GROUP_SIZE_CHOICES,
+                   help="int4: inputs per scale and zero (default 128)")
+    q.add_argument("--no-quantize-vision", dest="quantize_vision", action="store_false", default=None,
+                   help="with --quantize: keep the ViT in --dtype")
     return p
 
 
@@ -145,13 +154,18 @@ def load_model(args):
         if args.max_memory and device_map not in STRATEGIES:
             raise UsageError("--max-memory is for --device-map auto or balanced; a written map says where each "
                              "block goes")
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError("--group-size is for --quantize int4")
+    if args.quantize_vision is not None and args.quantize is None:
+        raise UsageError("--no-quantize-vision is for --quantize int8 or int4")
     log(args, f"loading {args.model}")
     start = time.monotonic()
     # A planned map reserves KV cache for the batch this command will run (caption's --batch-size; 1 otherwise).
     plan_options = {"batch_size": getattr(args, "batch_size", 1)} if device_map is not None else None
     model = CogVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                                    tokenizer=args.tokenizer, device_map=device_map, max_memory=args.max_memory,
-                                   plan_options=plan_options)
+                                   plan_options=plan_options, quantize=args.quantize, group_size=args.group_size,
+                                   quantize_vision=args.quantize_vision)
     tokenizer_of(model)  # a missing tokenizer is an error now, before any image work
     devices = ", ".join(sorted({str(p.device) for p in model.parameters()}))
     log(args, f"loaded in {time.monotonic() - start:.1f}s ({devices}; {str(model.dtype).removeprefix('torch.')})")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-MODE_CHOICES = ("int8", "int4")  # = cogvlm.quantize.MODES (plain strings: no torch at parse time)
-GROUP_SIZE_CHOICES = (32, 64, 128, 256)  # = cogvlm.quantize.GROUP_SIZES
+from .options import GROUP_SIZE_CHOICES, QUANTIZE_CHOICES, UsageError
 
 EPILOG = """examples:
   cogvlm quantize ./cogvlm-chat ./cogvlm-chat-int4 --mode int4
@@ -26,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="converted folder, hub-layout folder or hub id")
     p.add_argument("dst", help="output folder (must not exist unless --force)")
-    p.add_argument("--mode", required=True, choices=MODE_CHOICES, help="int8 (per output channel) or int4 (grouped)")
+    p.add_argument("--mode", required=True, choices=QUANTIZE_CHOICES,
+                   help="int8 (per output channel) or int4 (grouped)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZE_CHOICES,
                    help="int4: inputs per scale/zero (default 128; smaller is more accurate and a little larger)")
     vision = p.add_mutually_exclusive_group()
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     if args.group_size is not None and args.mode != "int4":
-        raise ValueError("--group-size applies to --mode int4 only (int8 has one scale per output channel)")
+        raise UsageError("--group-size is for --mode int4 (int8 has one scale per output channel)")
     from ..quantize.checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(args.src, args.dst, args.mode, args.group_size, args.quantize_vision,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..shards import CheckpointError
 from ..swap import replace_modules
-from .linear import GROUP_SIZES, LINEARS, MODES, Int4Linear, Int8Linear, QuantizedLinear
+from .linear import GROUP_SIZES, LINEARS, MODES, Int4Linear, Int8Linear, QuantizedLinear, check_group_size
 
 __all__ = ["QuantSpec", "quantize_model", "pack_model", "check_device", "requested_spec", "weight_bytes",
            "target_patterns", "Int8Linear", "Int4Linear", "QuantizedLinear", "MODES", "GROUP_SIZES"]
@@ -114,6 +114,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     def make(name: str, linear: nn.Module) -> QuantizedLinear:
         # The language expert runs in every decode step (decode tokens are text); the rest only at prefill.
         decode_path = any(part.startswith("language_expert") for part in name.split("."))
+        if spec.mode == "int4":
+            check_group_size(spec.group_size, linear.in_features, name)
         return cls.from_linear(linear, decode_path=decode_path, **extra)
 
     names = replace_modules(model, patterns, make, what="linear layer to quantize")
