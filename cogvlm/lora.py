@@ -6,19 +6,22 @@ B (out x rank, zeros, so a fresh adapter changes nothing). `LoRALinear` is itsel
 wrapped layer's own `weight` and `bias` Parameters, so every original parameter keeps its name and code that reads
 `.weight` still works; the adapters add `<module>.lora_A` and `<module>.lora_B`. `merge_lora(model)` folds
 `(alpha / rank) B A` into each weight and swaps plain `nn.Linear`s back, so the model's state dict is again exactly
-the checkpoint layout.
+the checkpoint layout. Over a quantized layer (`cogvlm.quantize`: QLoRA) the adapter is a `QuantizedLoRALinear`,
+which keeps the frozen quantized layer as `base` and merges into an `nn.Linear` of its dequantized weight.
 
 Targets are chosen with the name patterns of `cogvlm.swap`.
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantize.linear import QuantizedLinear
 from .swap import replace_modules, set_submodule
 
 DEFAULT_TARGETS = ("vision_expert_qkv", "vision_expert_dense")
@@ -72,6 +75,42 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
+class QuantizedLoRALinear(LoRALinear):
+    """LoRA over a frozen quantized layer (QLoRA): `base(x) + (alpha / rank) * dropout(x) A^T B^T`, the adapters in the
+    compute dtype. The base keeps its quantized buffers (as `<module>.base.*`); the adapters are `<module>.lora_A/B`,
+    named as over an `nn.Linear`."""
+
+    def __init__(self, base: QuantizedLinear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None):
+        scales = next(t for t in base.buffers() if t.is_floating_point())  # on the device, in the compute dtype
+        like = SimpleNamespace(in_features=base.in_features, out_features=base.out_features, bias=None,
+                               weight=torch.empty(0, device=scales.device, dtype=scales.dtype))
+        super().__init__(like, rank, alpha, dropout, dtype)
+        del self.weight, self.bias  # the base computes those
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        a = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            a = a.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling
+        return out + delta.to(out.dtype)
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear of the dequantized weight plus scaling * B A (in fp32, then the compute dtype): the
+        function that was trained."""
+        w = self.base.dequantize(torch.float32) + self.delta_weight().to(self.lora_A.device)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.to(self.base.dequantize().dtype), requires_grad=False)
+        if self.base.bias is not None:
+            linear.bias = self.base.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
 def apply_lora(
     model: nn.Module,
     targets: Sequence[str] = DEFAULT_TARGETS,
@@ -89,12 +128,13 @@ def apply_lora(
         raise ValueError("the model already has LoRA adapters; merge_lora() them first")
 
     def make(name: str, base: nn.Module) -> LoRALinear:
-        lora = LoRALinear(base, rank, alpha, dropout, dtype)
+        kind = QuantizedLoRALinear if isinstance(base, QuantizedLinear) else LoRALinear
+        lora = kind(base, rank, alpha, dropout, dtype)
         lora.lora_A.requires_grad_(True)
         lora.lora_B.requires_grad_(True)
         return lora
 
-    return replace_modules(model, targets, make)
+    return replace_modules(model, targets, make, kind=(nn.Linear, QuantizedLinear))
 
 
 def merge_lora(model: nn.Module) -> list[str]:

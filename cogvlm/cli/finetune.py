@@ -10,12 +10,16 @@ import dataclasses
 import json
 import sys
 
+from .options import GROUP_SIZE_CHOICES, QUANTIZE_CHOICES
+
 DESCRIPTION = "Fine-tuning CogVLM: trainable-parameter presets, LoRA, checkpoints that resume exactly, and export."
 HELP = "fine-tune a converted checkpoint (presets experts / lora / full), or train from scratch"
 EXAMPLES = """examples:
   cogvlm finetune --model ./cogvlm-chat --data train.jsonl --eval-data eval.jsonl --out runs/x \\
       --preset experts --gradient-checkpointing --batch-size 1 --grad-accum 8 --steps 2000 --save-every 200
   cogvlm finetune --model ./cogvlm-chat --data train.jsonl --out runs/lora --preset lora --lora-rank 16
+  cogvlm finetune --model ./cogvlm-chat --data train.jsonl --out runs/qlora --preset lora --quantize int4 \
+      --gradient-checkpointing                        # QLoRA: LoRA over a frozen int4 base
   cogvlm finetune --resume runs/x            # continue exactly where runs/x stopped
 data format (JSONL, one record per line):
   {"image": "images/1.png", "conversations": [{"role": "user", "content": "What is it?"},
@@ -60,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.05)")
     g.add_argument("--lora-targets", nargs="+", metavar="PATTERN",
                    help="linear layers to adapt (default: vision_expert_qkv vision_expert_dense)")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="QLoRA: quantize the frozen base to int8 or int4 (with --preset lora; exported dequantized)")
+    g.add_argument("--group-size", type=int, choices=GROUP_SIZE_CHOICES, help="int4 group size (default 128)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for lora, 1e-5 otherwise)")
     g.add_argument("--min-lr-ratio", type=float, help="final lr of the cosine, as a fraction of --lr (default 0)")

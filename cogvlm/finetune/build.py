@@ -21,6 +21,7 @@ from ..hub import resolve
 from ..loading import load_model
 from ..lora import DEFAULT_TARGETS, apply_lora
 from ..model import CogVLM
+from ..quantize import pack_model
 from ..shards import parse_dtype
 from ..swap import select
 from .checkpoint import checkpoint_dtype
@@ -83,9 +84,14 @@ def load_base(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Bas
     if (cfg.model is None) == (cfg.init is None):
         raise ValueError("give exactly one of --model (a converted checkpoint) or --init (a config to train "
                          "from scratch)")
+    if cfg.quantize is not None and (cfg.preset != "lora" or cfg.model is None):
+        raise ValueError("--quantize trains LoRA adapters over a frozen quantized base: it needs --preset lora and "
+                         "--model")
     if cfg.model is not None:
         folder = resolve(cfg.model, tokenizer=cfg.tokenizer)
-        model = load_model(folder, device=device, dtype=dtype)
+        model = load_model(folder, device=device, dtype=dtype, quantize=cfg.quantize, group_size=cfg.group_size)
+        if getattr(model, "quantization", None) is not None:
+            pack_model(model, dtype, kernels=False)  # backward through the base dequantizes: the plain layout
         hf_config = json.loads((folder / CONFIG_FILE).read_text()).get("hf_config")
         base = Base(model, Path(cfg.tokenizer or folder / TOKENIZER_FILE), hf_config, checkpoint_dtype(folder))
     else:

@@ -40,6 +40,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    quantize: str | None = None  # QLoRA: the frozen base quantized to int8 / int4 (cogvlm.quantize), --preset lora
+    group_size: int | None = None  # its int4 group size (default 128)
     lr: float | None = None  # default per preset: DEFAULT_LR
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -75,7 +77,7 @@ class TrainConfig:
 
     # Options that change the trajectory: a resumed run must use the checkpoint's values.
     TRAJECTORY = ("model", "init", "preset", "train", "freeze", "lora_rank", "lora_alpha", "lora_dropout",
-                  "lora_targets", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "steps", "epochs",
+                  "lora_targets", "quantize", "group_size", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "steps", "epochs",
                   "batch_size", "grad_accum", "max_grad_norm", "seed", "template", "all_turns", "max_length",
                   "dtype", "trainable_dtype")
 

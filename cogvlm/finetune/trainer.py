@@ -20,6 +20,7 @@ import torch
 from ..convert import export_hf
 from ..data import ConversationDataset
 from ..lora import merge_lora
+from ..quantize import dequantize_model
 from ..shards import parse_dtype
 from ..tokenizer import Tokenizer
 from .build import load_base, make_trainable
@@ -259,6 +260,8 @@ class Trainer:
         merged = merge_lora(self.model)
         if merged:
             log(f"merged {len(merged)} LoRA adapters")
+        if dequantize_model(self.model):  # a quantized base is exported dequantized, the adapters merged into it
+            log("exported the quantized base dequantized (cogvlm quantize can quantize the export again)")
         self.model.eval()
         dtype = parse_dtype(self.cfg.export_dtype) or self.source_dtype
         final = save_model(self.model, self.run_dir / "final", self.tokenizer_path, dtype, self.hf_config, force=True)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..generate import release_session
 from ..shards import CheckpointError
-from ..swap import replace_modules
+from ..swap import replace_modules, set_submodule
 from .linear import GROUP_SIZES, LINEARS, MODES, Int4Linear, Int8Linear, QuantizedLinear, check_group_size
 
-__all__ = ["QuantSpec", "quantize_model", "pack_model", "check_device", "requested_spec", "weight_bytes",
+__all__ = ["QuantSpec", "quantize_model", "pack_model", "dequantize_model", "check_device", "requested_spec", "weight_bytes",
            "target_patterns", "Int8Linear", "Int4Linear", "QuantizedLinear", "MODES", "GROUP_SIZES"]
 
 DEFAULT_GROUP_SIZE = 128
@@ -128,12 +129,31 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     return spec
 
 
-def pack_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Give every quantized layer the kernel layout for the device it is on (after loading or moving the model)."""
+def pack_model(model: nn.Module, dtype: torch.dtype | None = None, kernels: bool = True) -> None:
+    """Give every quantized layer the kernel layout for the device it is on (after loading or moving the model);
+    `kernels=False` gives them all the plain layout, which training through them needs."""
     dtype = dtype or getattr(model, "dtype", None)
+    release_session(model)  # a kept decode graph would still read the old layout
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            m.pack_for(None, dtype)
+            m.pack_for(None, dtype, kernels)
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Swap every quantized layer back for an `nn.Linear` holding its dequantized weight, in the model's compute
+    dtype (e.g. to export a model fine-tuned on a quantized base); returns the names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    dtype = getattr(model, "dtype", None)
+    for name in names:
+        q = model.get_submodule(name)
+        w = q.dequantize(dtype)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        if q.bias is not None:
+            linear.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
+        set_submodule(model, name, linear)
+    model.__dict__.pop("quantization", None)
+    return names
 
 
 def check_device(spec: QuantSpec | None, device, dtype: torch.dtype) -> None:

@@ -115,6 +115,20 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
+class _FrozenProduct(torch.autograd.Function):
+    """x @ W.T for a frozen quantized W whose backward (for x only) dequantizes W again rather than keeping it, so that
+    training through a quantized base (QLoRA) never holds a full-precision copy of a weight."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
 def check_group_size(group_size: int, in_features: int, where: str) -> None:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
@@ -184,12 +198,21 @@ class QuantizedLinear(nn.Module):
                     q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
-    def pack_for(self, device=None, dtype: torch.dtype | None = None) -> None:
-        """Move to `device` (default: where the weights are) and pick the kernel for it and the compute `dtype`."""
+    def pack_for(self, device=None, dtype: torch.dtype | None = None, kernels: bool = True) -> None:
+        """Move to `device` (default: where the weights are) and pick the kernel for it and the compute `dtype`
+        (`kernels=False`: the plain layout, which training needs: its backward dequantizes)."""
         self.to(torch.device(device) if device is not None else self.weight.device)
 
-    def dequantize(self) -> torch.Tensor:
-        """The (out, in) weight this layer computes with, in its scales' dtype."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _FrozenProduct.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.product(x)
+        return out if self.bias is None else out + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with the layer's inference kernel (no bias)."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight this layer computes with, in `dtype` (default: its scales' dtype)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -206,16 +229,14 @@ class Int8Linear(QuantizedLinear):
     def quantize(self, w):
         return quantize_int8(w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dtype == x.dtype:
             flat = x.reshape(-1, self.in_features).contiguous()
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).view(*x.shape[:-1], -1)
-        else:
-            out = int8_linear(x, self.weight, self.scales)
-        return out if self.bias is None else out + self.bias
+            return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).view(*x.shape[:-1], -1)
+        return int8_linear(x, self.weight, self.scales)
 
-    def dequantize(self) -> torch.Tensor:
-        return (self.weight.float() * self.scales.float()[:, None]).to(self.scales.dtype)
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype or self.scales.dtype)
 
 
 class Int4Linear(QuantizedLinear):
@@ -239,10 +260,10 @@ class Int4Linear(QuantizedLinear):
     def quantize(self, w):
         return quantize_int4(w, self.group_size)
 
-    def pack_for(self, device=None, dtype=None) -> None:
+    def pack_for(self, device=None, dtype=None, kernels: bool = True) -> None:
         device = torch.device(device) if device is not None else (self.packed if self.kernel else self.weight).device
         dtype = dtype or (self.scale_zeros.dtype if self.kernel else self.scales.dtype)
-        kernel = int4_kernel(device, dtype, self.out_features) if self.decode_path else None
+        kernel = int4_kernel(device, dtype, self.out_features) if self.decode_path and kernels else None
         if self.kernel and (kernel != self.kernel or self.packed.device != device):
             self._unpack()
         self.to(device)
@@ -288,24 +309,21 @@ class Int4Linear(QuantizedLinear):
             parts.append(self._kernel_mm(eye, unit, packed))  # (n, out): rows k0.. of codes.T
         return torch.cat(parts).t().round().to(torch.uint8).to(self.packed.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
-            with fused_kernels():
-                w = dequantize_int4(self.weight, self.scales, self.zeros, x.dtype)
-            out = F.linear(x, w)
-        else:
-            if x.device.type != self.kernel:
-                raise RuntimeError(f"this int4 layer is packed for the {self.kernel} kernel but its input is on "
-                                   f"{x.device}; call cogvlm.quantize.pack_model(model) after moving the model")
-            flat = x.reshape(-1, self.in_features).contiguous()
-            out = self._kernel_mm(flat, self.scale_zeros).view(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias
+            return F.linear(x, self.dequantize(x.dtype))
+        if x.device.type != self.kernel:
+            raise RuntimeError(f"this int4 layer is packed for the {self.kernel} kernel but its input is on "
+                               f"{x.device}; call cogvlm.quantize.pack_model(model) after moving the model")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        return self._kernel_mm(flat, self.scale_zeros).view(*x.shape[:-1], -1)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype=None) -> torch.Tensor:
         if self.kernel is None:
-            return dequantize_int4(self.weight, self.scales, self.zeros, self.scales.dtype)
+            with fused_kernels():  # one kernel on CUDA
+                return dequantize_int4(self.weight, self.scales, self.zeros, dtype or self.scales.dtype)
         sz = self.scale_zeros
-        return dequantize_int4(pack_nibbles(self._kernel_codes()), sz[..., 0].t(), sz[..., 1].t(), sz.dtype)
+        return dequantize_int4(pack_nibbles(self._kernel_codes()), sz[..., 0].t(), sz[..., 1].t(), dtype or sz.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Always the stored (device-neutral) format, also once packed for a kernel."""
