@@ -4,6 +4,7 @@
     python bench/quantize_bench.py memory                                           # arithmetic, no weights (CPU)
     python bench/quantize_bench.py accuracy [--n 300 --seed 1234]                   # tiny-shapes exact match (CPU)
     python bench/quantize_bench.py fixtures                                         # fixture-model logits (CPU)
+    python bench/quantize_bench.py qlora [--modes int4-g128 int8]                   # QLoRA step memory (GPU)
 
 `speed` builds full-size CogVLM with random bf16 weights on the GPU (bench/random_weights.py), computes the bf16
 reference (text logits of the prompt, 128 greedy tokens), quantizes the same weights in place, and measures: weights
@@ -12,6 +13,9 @@ decode tok/s at each batch (`generate`, as users run it: (T(1 + n new) - T(1 new
 bf16 (logits relative error, greedy-token agreement). Each mode runs in its own process, so memory figures do not
 mix. Inductor's coordinate-descent tuning is turned on (the gpt-fast setting under which int8's product compiles
 to one kernel; `--no-coordinate-descent` to compare).
+`qlora` runs bench/finetune_step.py's step (one 490 px image + 24 prompt + 32 answer tokens, bf16 autocast, fused
+AdamW, 3 steps) with `--preset lora` over the quantized base in the plain layout, gradient checkpointing on: peak
+allocated memory (target for int4: <= 22 GB) and step time.
 Modes: bf16, int8, int8-novit, int4-g32/64/128/256, int4-g128-novit ("-novit": the ViT stays bf16).
 """
 from __future__ import annotations
@@ -50,7 +54,7 @@ def parse_mode(mode: str, modules=None) -> QuantSpec | None:
 def memory_rows(preset: str = "cogvlm-chat-hf", text_tokens: int = 24, new_tokens: int = 128) -> list[dict]:
     """Bytes per mode from the meta model with the swap applied, plus the batch-1 KV cache the decode session
     allocates (its length rounded up to 256 slots, as `cogvlm.generate.session_for` does)."""
-    cfg = CogVLMConfig.from_name(preset)
+    cfg = CogVLMConfig.load(preset)
     tokens = 1 + cfg.num_image_tokens + text_tokens + new_tokens
     slots = -(-tokens // 256) * 256
     kv = 2 * cfg.text.num_hidden_layers * slots * cfg.text.hidden_size * 2
@@ -145,16 +149,56 @@ def run_fixtures(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- speed (GPU)
+class Device:
+    """The GPU's clock and memory counters; on the CPU (`--device cpu`, a smoke test of this script) they read 0."""
+
+    def __init__(self, name: str):
+        self.device = torch.device(name)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def allocated(self) -> float:
+        return torch.cuda.memory_allocated() / GB if self.cuda else 0.0
+
+    def peak(self) -> float:
+        return torch.cuda.max_memory_allocated() / GB if self.cuda else 0.0
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name() if self.cuda else "cpu"
+
+
+def prompt(cfg: CogVLMConfig, batch: int, text_tokens: int, device: torch.device):
+    """bench/bench.py's prompt: [bos, image placeholders, random text] and picture-like pixels, in bf16."""
+    from bench.bench import synthetic_images
+
+    g = torch.Generator().manual_seed(0)
+    n = cfg.num_image_tokens
+    text = torch.randint(100, cfg.text.vocab_size, (batch, text_tokens), generator=g)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.zeros(batch, n, dtype=torch.long), text], 1)
+    types = torch.zeros_like(ids)
+    types[:, 1:1 + n] = 1
+    pixels = synthetic_images(batch, cfg.vision.image_size, g).bfloat16()
+    return ids.to(device), types.to(device), pixels.to(device)
+
+
 def run_speed_mode(args) -> dict:
     import torch._inductor.config as inductor
 
-    from bench.bench import make_prompt
     from bench.random_weights import random_model
 
     inductor.coordinate_descent_tuning = not args.no_coordinate_descent
-    cfg = CogVLMConfig.from_name(args.preset)
-    model = random_model(cfg)  # bf16 on cuda, the same weights for every mode (seed 0)
-    ids, types, pixels = make_prompt(cfg, 1, args.text_tokens)
+    dev = Device(args.device)
+    cfg = CogVLMConfig.load(args.preset)
+    model = random_model(cfg, device=dev.device)  # bf16, the same weights for every mode (seed 0)
+    ids, types, pixels = prompt(cfg, 1, args.text_tokens, dev.device)
     text = types[0] == 0
     never = -1  # no eos: every run decodes exactly the tokens asked for
     with torch.no_grad():
@@ -166,9 +210,9 @@ def run_speed_mode(args) -> dict:
         quantize_model(model, spec)
         pack_model(model, torch.bfloat16)
     model.__dict__.pop("_decode_session", None)
-    torch.cuda.empty_cache()
-    r = {"mode": args.one, "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-         "weights_GB": torch.cuda.memory_allocated() / GB, "prompt_tokens": ids.shape[1]}
+    dev.reset()
+    r = {"mode": args.one, "card": dev.name(), "torch": torch.__version__, "weights_GB": dev.allocated(),
+         "prompt_tokens": ids.shape[1]}
     with torch.no_grad():
         logits = model(ids, types, pixel_values=pixels).logits[0, text].float().cpu()
     r["logits_rel_err_vs_bf16"] = ((logits - ref_logits).norm() / ref_logits.norm()).item()
@@ -178,29 +222,65 @@ def run_speed_mode(args) -> dict:
     r["greedy_first_divergence"] = int((tokens != ref_tokens).nonzero()[0]) if (tokens != ref_tokens).any() else None
 
     def timed(batch_ids, batch_types, batch_pixels, new):
-        torch.cuda.synchronize()
+        dev.sync()
         t = time.perf_counter()
         model.generate(batch_ids, batch_types, pixel_values=batch_pixels, max_new_tokens=new, eos_id=never)
-        torch.cuda.synchronize()
+        dev.sync()
         return time.perf_counter() - t
 
     for batch in args.batches:
-        b_ids, b_types, b_pixels = make_prompt(cfg, batch, args.text_tokens)
+        b_ids, b_types, b_pixels = prompt(cfg, batch, args.text_tokens, dev.device)
         timed(b_ids, b_types, b_pixels, args.decode_steps)  # warm-up: compile, graph capture
-        torch.cuda.reset_peak_memory_stats()
+        dev.reset()
         first = min(timed(b_ids, b_types, b_pixels, 1) for _ in range(3))
         full = min(timed(b_ids, b_types, b_pixels, 1 + args.decode_steps) for _ in range(2))
         r[f"ttft_b{batch}_ms"] = first * 1e3
         r[f"decode_b{batch}_tok_s"] = batch * args.decode_steps / (full - first)
-        r[f"peak_b{batch}_GB"] = torch.cuda.max_memory_allocated() / GB
+        r[f"peak_b{batch}_GB"] = dev.peak()
     return r
 
 
-def run_speed(args) -> list[dict]:
+def run_qlora_mode(args) -> dict:
+    from bench.finetune_step import batch
+    from bench.random_weights import random_model
+    from cogvlm.finetune import TrainConfig, make_trainable, training_loss
+
+    dev = Device(args.device)
+    cfg = CogVLMConfig.load(args.preset)
+    model = random_model(cfg, device=dev.device)
+    spec = parse_mode(args.one)
+    if spec:
+        quantize_model(model, spec)
+        pack_model(model, torch.bfloat16, kernels=False)  # what `cogvlm finetune --quantize` trains on
+    trainable = make_trainable(model, TrainConfig(data="", out="", preset="lora", lora_dropout=0.0,
+                                                  gradient_checkpointing=True))
+    params = [p for n, p in model.named_parameters() if n in set(trainable)]
+    dev.reset()
+    r = {"mode": args.one, "card": dev.name(), "weights_GB": dev.allocated(),
+         "trainable": sum(p.numel() for p in params)}
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.cuda)
+    data = batch(cfg, 1, args.text_tokens, 32, dev.device)
+    times = []
+    for _ in range(3):
+        dev.sync()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.device.type, dtype=torch.bfloat16):
+            loss, _ = training_loss(model, data)
+        loss.backward()
+        opt.step()
+        dev.sync()
+        times.append(time.perf_counter() - t)
+    r.update(peak_GB=dev.peak(), step_s=sum(times[1:]) / 2, loss=loss.item())
+    return r
+
+
+def run_children(args) -> list[dict]:
     rows = []
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "speed", "--one", mode, "--preset", args.preset, "--text-tokens",
-               str(args.text_tokens), "--decode-steps", str(args.decode_steps), "--batches", *map(str, args.batches)]
+        cmd = [sys.executable, __file__, args.what, "--one", mode, "--preset", args.preset, "--device", args.device,
+               "--text-tokens", str(args.text_tokens), "--decode-steps", str(args.decode_steps),
+               "--batches", *map(str, args.batches)]
         cmd += ["--no-coordinate-descent"] if args.no_coordinate_descent else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -227,12 +307,22 @@ def print_speed(rows: list[dict], batches: list[int]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def print_rows(rows: list[dict], percent: bool = False) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
+    for r in rows:
+        cells = [(k, r.get(k, "")) for k in keys]
+        print("| " + " | ".join(f"{v * 100:.1f} %" if percent and isinstance(v, float) and k != "seconds"
+                                else f"{v:.3g}" if isinstance(v, float) else str(v) for k, v in cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["speed", "memory", "accuracy", "fixtures"])
+    ap.add_argument("what", choices=["speed", "memory", "accuracy", "fixtures", "qlora"])
     ap.add_argument("--modes", nargs="+")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # speed: the single mode a child process measures
-    ap.add_argument("--preset", default="cogvlm-chat-hf")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # speed, qlora: the single mode a child process measures
+    ap.add_argument("--preset", default="cogvlm-chat-hf", help="a preset name or a config file/folder")
+    ap.add_argument("--device", default="cuda", help="speed, qlora: cuda (cpu: a smoke test of the script)")
     ap.add_argument("--text-tokens", type=int, default=24)
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -242,27 +332,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234, help="accuracy: their seed (docs/finetune.md uses 1234)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    if args.what == "speed" and args.one:
-        print(json.dumps(run_speed_mode(args)))
+    if args.one:
+        print(json.dumps(run_speed_mode(args) if args.what == "speed" else run_qlora_mode(args)))
         return
     default_modes = {"speed": ["bf16", "int8", "int4-g128", "int4-g64", "int8-novit", "int4-g128-novit"],
                      "accuracy": ["fp32", "int8", "int8-novit", "int4-g32", "int4-g32-novit", "int4-g64",
                                   "int4-g128"],
-                     "fixtures": ["int8", "int8-novit", "int4-g32", "int4-g32-novit"]}
+                     "fixtures": ["int8", "int8-novit", "int4-g32", "int4-g32-novit"],
+                     "qlora": ["int4-g128", "int8", "bf16"]}
     args.modes = args.modes or default_modes.get(args.what)
     if args.what == "memory":
         rows = memory_rows(args.preset, args.text_tokens, args.decode_steps)
         print_memory(rows)
     elif args.what == "speed":
-        rows = run_speed(args)
+        rows = run_children(args)
         print_speed(rows, args.batches)
+    elif args.what == "qlora":
+        rows = run_children(args)
+        print_rows(rows)
     else:
         rows = run_accuracy(args) if args.what == "accuracy" else run_fixtures(args)
-        keys = list(rows[0])
-        print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-        for r in rows:
-            print("| " + " | ".join(f"{v * 100:.1f} %" if isinstance(v, float) and v <= 1 and k != "seconds"
-                                    else str(v) for k, v in r.items()) + " |")
+        print_rows(rows, percent=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
