@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import make_prompt  # noqa: E402
 from bench.random_weights import random_model  # noqa: E402
-from cogvlm import device_map as dm  # noqa: E402
+from cogvlm.parallel import device_map as dm  # noqa: E402
+from cogvlm.parallel import plan as pl  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
 
@@ -74,8 +75,8 @@ def main() -> None:
             continue
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-        budgets = dm.parse_max_memory(",".join(f"{i}={args.budget}" for i in range(n)))
-        plan = dm.plan(cfg, budgets, batch_size=1, context=ids.shape[1] + args.new_tokens, strategy="balanced")
+        budgets = pl.parse_max_memory(",".join(f"{i}={args.budget}" for i in range(n)))
+        plan = pl.plan(cfg, budgets, batch_size=1, context=ids.shape[1] + args.new_tokens, strategy="balanced")
         blocks = dm.block_devices(plan, cfg)
         model = random_model(cfg, device="cuda:0", place=lambda name: dm.device_for_param(blocks, name))
         dm.apply_device_map(model, blocks)

@@ -18,6 +18,8 @@ from .prompt import TEMPLATES
 DEFAULT_MODEL = "THUDM/cogvlm-chat-hf"
 NO_IMAGE = "none"  # `cogvlm ask none "question"`: a text-only prompt
 STDIN = "-"  # `cogvlm ask - "question" < photo.jpg`: the image's bytes come from stdin
+# Until this module becomes the package cogvlm/cli/ (one module per command), its commands there import through it.
+__path__ = [os.path.join(os.path.dirname(__file__), "cli")]
 
 EXAMPLES = """examples:
   cogvlm ask photo.jpg "What is on the table?"
@@ -165,7 +167,7 @@ def load_model(args):
             raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     device_map = None
     if args.device_map or args.max_memory:
-        from .device_map import STRATEGIES, parse_device_map
+        from .parallel.device_map import STRATEGIES, parse_device_map
 
         device_map = parse_device_map(args.device_map or "auto")
         if args.max_memory and device_map not in STRATEGIES:
@@ -419,9 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export_hf)
 
-    from .device_map import add_plan_command
+    from .cli.plan import add_parser as add_plan_parser  # the command package's module (see __path__ above)
 
-    add_plan_command(sub)  # `cogvlm plan`: which device holds which block, from memory budgets
+    add_plan_parser(sub)  # `cogvlm plan`: which device holds which block, from memory budgets
     from .finetune import add_finetune_command
 
     add_finetune_command(sub)  # `cogvlm finetune`: presets experts / lora / full, resume, export
