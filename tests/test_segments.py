@@ -73,8 +73,7 @@ def test_segmented_steps_equal_the_session_exactly(tiny):  # noqa: F811
     for piece in stepper.pieces:  # every copy of the step state advanced with the session's
         for mine, theirs in zip(piece.state or (), (session.key_valid, session.cache_pos, session.next_pos)):
             assert torch.equal(mine, theirs)
-    # The same buffers serve a second conversation: after its prefill, sync() brings the copies along.
-    session.key_valid.zero_()  # what a session reset does
+    # The same buffers serve a second conversation (prefill resets the session): sync() brings the copies along.
     swapped = [t.flip(0) for t in inputs[:3]] + [inputs[3]]  # the rows the other way round
     again = [session.prefill(*swapped)]
     stepper.sync()

@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")  # cogvlm.shards.DTYPES, spelled out: this module must not import torch
-STRATEGY_NAMES = ("auto", "balanced")  # cogvlm.parallel.device_map.STRATEGIES
+from .options import DTYPE_CHOICES, UsageError
+
+STRATEGY_CHOICES = ("auto", "balanced")  # = cogvlm.parallel.device_map.STRATEGIES (this module must not import torch)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,16 +28,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="KV-cache tokens per row, image included (default: max_position_embeddings, as the model "
                         "commands reserve)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="weights' dtype (default: the one ask/chat/caption load in here: bf16 on GPUs that support "
                         "it, else fp32)")
-    p.add_argument("--strategy", choices=STRATEGY_NAMES, default="auto",
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                    help="auto: fill devices in order; balanced: even out the GPUs (default auto)")
     p.add_argument("--full-logits", action="store_true",
                    help="reserve the logits of every position (a scoring or training forward), not only the last "
                         "one (generation)")
     p.add_argument("--json", action="store_true", help="print a machine-readable object")
-    p.set_defaults(func=run)
     return p
 
 
@@ -71,7 +71,7 @@ def load_config(name: str):
     from ..config import PRESETS, CogVLMConfig
 
     if not Path(name).exists() and name.split("/")[-1] not in PRESETS:
-        raise ValueError(f"--model {name!r} is not a preset ({', '.join(PRESETS)}), a config file or a checkpoint "
+        raise UsageError(f"--model {name!r} is not a preset ({', '.join(PRESETS)}), a config file or a checkpoint "
                          "folder")
     try:
         return CogVLMConfig.load(name)

@@ -56,7 +56,7 @@ def parse_size(text) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m[2].lower() not in UNITS:
-        raise DeviceMapError(f"cannot read the size {text!r}; write e.g. 20GiB, 20GB, 512MiB or 512MB")
+        raise DeviceMapError(f"cannot read the size {text!r} (--max-memory); write e.g. 20GiB, 20GB, 512MiB or 512MB")
     return int(float(m[1]) * UNITS[m[2].lower()])
 
 
