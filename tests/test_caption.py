@@ -262,3 +262,16 @@ def test_retry_errors_rewrites_only_our_file_and_keeps_one_line_per_image(tmp_pa
     assert (result.captioned, result.skipped) == (1, 2)
     assert [r["image"] for r in records(out)] == [str(root / "000.png"), str(root / "001.png"), str(broken)]
     assert "error" not in records(out)[-1]
+
+
+def test_the_benchmark_measures_captioning_through_the_job_on_jpeg_files():
+    """bench/bench.py's captioning figure, as its CPU smoke run does it (tiny config, random weights)."""
+    import argparse
+
+    from bench.bench import run_caption
+
+    args = argparse.Namespace(device="cpu", preset=str(TINY), caption_images=5, caption_batch=2, caption_tokens=3,
+                              caption_size="64x48")
+    r = run_caption(args)
+    assert r["caption_images"] == 5 and r["caption_first_batch_s"] > 0 and r["caption_images_s"] > 0
+    assert r["caption_total_s"] >= r["caption_first_batch_s"]

@@ -459,3 +459,23 @@ def test_caption_a_folder_with_file_names_that_are_not_utf8(tmp_path, converted,
     assert "cannot read image" in by_image[os.fsdecode(bad)]["error"]
     r = run_bytes(args, env)  # the rerun finds both done
     assert r.returncode == 0 and "all 2 images already have a record" in r.stderr
+
+
+NO_DYNAMO = """
+import sys
+from cogvlm.cli import main
+assert main(sys.argv[1:]) == 0
+assert "torch._dynamo" not in sys.modules, "building the model imported torch._dynamo"
+"""
+
+
+def test_ask_does_not_import_the_compiler(converted, env):
+    """Start-up: building the model on the meta device must not run nn.init there, whose random fills import
+    torch._dynamo (2-3 s of a tiny model's `ask`; bench/startup.py measures the whole start)."""
+    name = "case1_chat_image"
+    case = MANIFEST["cases"][name]
+    r = subprocess.run([sys.executable, "-c", NO_DYNAMO, "ask", str(FIXTURES / case["image"]), case["query"],
+                        "--model", str(converted), "--max-new-tokens", str(gen_steps(name)), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference_answer(name) + "\n"
