@@ -329,10 +329,10 @@ def test_choices_written_in_the_cli_are_the_real_ones():
     from cogvlm.prompt import TEMPLATES
     from cogvlm.shards import DTYPES
 
-    assert options.DTYPE_CHOICES == tuple(DTYPES)
-    assert sorted(options.TEMPLATE_CHOICES) == sorted(TEMPLATES)
+    assert options.DTYPE_CHOICES == cli_finetune.DTYPES == tuple(DTYPES)
+    assert sorted(options.TEMPLATE_CHOICES) == sorted(cli_finetune.TEMPLATES) == sorted(TEMPLATES)
     assert cli_plan.STRATEGY_CHOICES == tuple(STRATEGIES)
-    assert cli_finetune.PRESET_CHOICES == tuple(PRESETS)
+    assert cli_finetune.PRESETS == tuple(PRESETS)
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "caption"])
