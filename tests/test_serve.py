@@ -1,0 +1,315 @@
+"""`cogvlm serve` end to end: the real server (a subprocess on 127.0.0.1, a free port, the shipped tiny model) and
+the real `openai` client. Answers must equal `model.chat` in this process; every bad request gets its 4xx and
+OpenAI's error body, and the server answers the next good request."""
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "examples" / "tiny-shapes"
+IMAGES = sorted((ROOT / "examples" / "images").glob("*.png"))
+KEY = "test-key"
+STRICT = ("--api-key", KEY, "--max-batch", "8", "--max-body-mb", "0.5", "--max-image-mb", "0.1",
+          "--max-image-pixels", "1000000")
+
+
+class ServerProcess:
+    """`python -m cogvlm.serve` on 127.0.0.1 and a free port; the log goes to a file (a full pipe would block)."""
+
+    def __init__(self, folder: Path, *args: str, timeout: float = 180):
+        self.log_path = folder / "server.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "cogvlm.serve", "--model", str(TINY), "--device", "cpu", "--dtype", "fp32",
+               "--host", "127.0.0.1", "--port", "0", *args]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while (line := self._ready_line()) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.2)
+        self.url = line.split(" at ", 1)[1].split()[0]
+        self.host, self.port = self.url.removeprefix("http://").rsplit(":", 1)
+
+    def _ready_line(self) -> str | None:
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("cogvlm serve: ") and " at http://" in line:
+                return line
+        return None
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120, **kwargs)
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 120):
+        """(status, parsed JSON or text) over plain http.client, for bodies no client library would send."""
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
+        try:
+            data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            conn.request(method, path, data, {"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {KEY}", **(headers or {})})
+            response = conn.getresponse()
+            text = response.read().decode()
+            is_json = response.getheader("content-type", "").startswith("application/json")
+            return response.status, json.loads(text) if is_json else text
+        finally:
+            conn.close()
+
+    def health(self) -> dict:
+        return self.request("GET", "/health")[1]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_SERVERS: dict[tuple, ServerProcess] = {}
+
+
+def shared_server(tmp_path_factory, *args: str) -> ServerProcess:
+    """One server per set of options for the whole session, whichever test module asks first."""
+    if args not in _SERVERS or _SERVERS[args].proc.poll() is not None:
+        _SERVERS[args] = ServerProcess(tmp_path_factory.mktemp("server"), *args)
+    return _SERVERS[args]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_model():
+    from cogvlm import CogVLM
+
+    return CogVLM.from_pretrained(TINY, device="cpu", dtype=torch.float32)
+
+
+def data_url(path_or_bytes, media: str = "image/png") -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def user(text: str, image: str | None = None) -> dict:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    yield shared_server(tmp_path_factory, *STRICT)
+    _SERVERS.pop(STRICT).stop()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference_model()
+
+
+def test_answers_equal_model_chat(server, model):
+    client = server.client()
+    for image, question in [(IMAGES[0], "Describe the image."), (IMAGES[1], "What colour is the shape?"),
+                            (None, "Hello there")]:
+        expected = model.chat(image, question, max_new_tokens=24)
+        url = None if image is None else data_url(image)
+        answer = client.chat.completions.create(model="tiny-shapes", messages=[user(question, url)], max_tokens=24)
+        assert answer.choices[0].message.content == expected
+        assert answer.choices[0].message.role == "assistant" and answer.choices[0].finish_reason == "stop"
+        assert answer.model == "tiny-shapes" and answer.object == "chat.completion"
+        prompt = 1 + (model.cfg.num_image_tokens if image else 0)
+        assert answer.usage.prompt_tokens > prompt and answer.usage.completion_tokens >= 1
+
+        pieces = list(client.chat.completions.create(model="tiny-shapes", messages=[user(question, url)],
+                                                     max_tokens=24, stream=True))
+        assert pieces[0].choices[0].delta.role == "assistant"
+        assert "".join(p.choices[0].delta.content or "" for p in pieces) == expected
+        assert [p.choices[0].finish_reason for p in pieces][-1] == "stop"
+        assert all(p.choices[0].finish_reason is None for p in pieces[:-1])
+
+
+def test_two_turn_conversation_equals_chat_with_history(server, model):
+    q1, q2 = "Describe the image.", "What colour is the shape?"
+    a1 = model.chat(IMAGES[2], q1)
+    messages = [{"role": "user", "content": [{"type": "text", "text": q1},
+                                             {"type": "image_url", "image_url": {"url": data_url(IMAGES[2])}}]},
+                {"role": "assistant", "content": a1}, user(q2)]
+    answer = server.client().chat.completions.create(model="m", messages=messages)
+    assert answer.choices[0].message.content == model.chat(IMAGES[2], q2, history=[(q1, a1)])
+
+
+def test_length_stop_strings_and_seeded_sampling(server, model):
+    client = server.client()
+    short = client.chat.completions.create(model="m", messages=[user("Describe the image.", data_url(IMAGES[0]))],
+                                           max_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    assert short.choices[0].message.content == model.chat(IMAGES[0], "Describe the image.", max_new_tokens=2)
+
+    cut = client.chat.completions.create(model="m", messages=[user("Describe the image.", data_url(IMAGES[0]))],
+                                         stop=[" triangle"])
+    assert cut.choices[0].message.content == model.chat(IMAGES[0], "Describe the image.", stop=[" triangle"])
+    assert cut.choices[0].finish_reason == "stop"
+
+    sampling = dict(temperature=1.5, top_p=0.95, seed=7)
+    expected = model.chat(None, "Hello", do_sample=True, max_new_tokens=20, **sampling)
+    for _ in range(2):
+        answer = client.chat.completions.create(model="m", messages=[user("Hello")], max_tokens=20, **sampling)
+        assert answer.choices[0].message.content == expected
+
+
+def test_raw_event_stream_format(server):
+    """The wire format itself: only `data:` lines, the role first, a last chunk with finish_reason, usage on
+    request, then `data: [DONE]`."""
+    status, text = server.request("POST", "/v1/chat/completions", {
+        "model": "m", "messages": [user("Hello")], "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_models_health_and_page(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-shapes"]
+    assert server.client().models.retrieve("tiny-shapes").id == "tiny-shapes"
+    health = server.health()
+    assert health["status"] == "ok" and health["max_batch"] == 8
+    status, page = server.request("GET", "/")
+    assert status == 200 and "<title>CogVLM</title>" in page and "/static/app.js" in page
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert server.request("GET", asset)[0] == 200
+
+
+def png(size: tuple[int, int], mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, "PNG")
+    return out.getvalue()
+
+
+def bad_requests(tiny_context: int):
+    """(what, body or raw bytes, extra headers, status, error param or code) for every kind of bad request."""
+    ok_image = data_url(IMAGES[0])
+    long_text = "word " * (tiny_context + 10)
+    base = {"model": "m", "messages": [user("Hello")]}
+    return [
+        ("invalid JSON", b"{not json", {}, 400, None),
+        ("body not an object", [1, 2], {}, 400, None),
+        ("body past the limit", b" " * 600_000, {}, 413, "request_too_large"),
+        ("no messages", {"model": "m"}, {}, 400, "messages"),
+        ("messages not a list", {**base, "messages": "hi"}, {}, 400, "messages"),
+        ("content of a wrong type", {**base, "messages": [{"role": "user", "content": 5}]}, {}, 400,
+         "messages[0].content"),
+        ("unknown role", {**base, "messages": [{"role": "robot", "content": "x"}]}, {}, 400, "messages[0].role"),
+        ("ends with the assistant", {**base, "messages": [user("q"), {"role": "assistant", "content": "a"}]},
+         {}, 400, "messages[1]"),
+        ("temperature a string", {**base, "temperature": "hot"}, {}, 400, "temperature"),
+        ("temperature out of range", {**base, "temperature": 5}, {}, 400, "temperature"),
+        ("max_tokens a string", {**base, "max_tokens": "10"}, {}, 400, "max_tokens"),
+        ("max_tokens a boolean", {**base, "max_tokens": True}, {}, 400, "max_tokens"),
+        ("stream a string", {**base, "stream": "yes"}, {}, 400, "stream"),
+        ("stop a number", {**base, "stop": 3}, {}, 400, "stop"),
+        ("seed a float", {**base, "seed": 1.5}, {}, 400, "seed"),
+        ("n = 2", {**base, "n": 2}, {}, 400, "n"),
+        ("logprobs", {**base, "logprobs": True}, {}, 400, "logprobs"),
+        ("prompt past the context", {**base, "messages": [user(long_text)]}, {}, 400, "context_length_exceeded"),
+        ("max_tokens past the context", {**base, "max_tokens": tiny_context}, {}, 400, "context_length_exceeded"),
+        ("second image", {**base, "messages": [user("a", ok_image), {"role": "assistant", "content": "b"},
+                                               user("c", ok_image)]}, {}, 400, "messages[2].content[0].image_url.url"),
+        ("image in an assistant turn", {**base, "messages": [
+            user("a"), {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": ok_image}}]},
+            user("c")]}, {}, 400, "messages[1].content[0]"),
+        ("bad base64", {**base, "messages": [user("q", "data:image/png;base64,@@@not base64@@@")]}, {}, 400,
+         "invalid_base64"),
+        ("not an image", {**base, "messages": [user("q", data_url(b"just some text, not pixels"))]}, {}, 400,
+         "invalid_image"),
+        ("not an image media type", {**base, "messages": [user("q", data_url(png((8, 8)), "text/plain"))]}, {},
+         400, "invalid_image_url"),
+        ("truncated image", {**base, "messages": [user("q", data_url(IMAGES[0].read_bytes()[:120]))]}, {}, 400,
+         "invalid_image"),
+        ("image bytes past the limit", {**base, "messages": [user("q", data_url(os.urandom(120_000)))]}, {}, 400,
+         "image_too_large"),
+        ("pixel bomb", {**base, "messages": [user("q", data_url(png((4000, 4000))))]}, {}, 400, "image_too_large"),
+        ("remote image not enabled", {**base, "messages": [user("q", "http://127.0.0.1:9/cat.png")]}, {}, 400,
+         "image_url_not_allowed"),
+        ("local image not enabled", {**base, "messages": [user("q", f"file://{IMAGES[0]}")]}, {}, 400,
+         "image_url_not_allowed"),
+        ("no API key", base, {"Authorization": ""}, 401, "invalid_api_key"),
+        ("wrong API key", base, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+    ]
+
+
+def test_every_bad_request_is_a_4xx_and_the_next_good_one_is_answered(server, model):
+    expected = model.chat(None, "Hello", max_new_tokens=3)
+    good = {"model": "m", "messages": [user("Hello")], "max_tokens": 3}
+    for what, body, headers, status, where in bad_requests(model.cfg.text.max_position_embeddings):
+        got, error = server.request("POST", "/v1/chat/completions", body, headers)
+        assert got == status, f"{what}: {got} {error}"
+        assert set(error["error"]) == {"message", "type", "param", "code"}, what
+        assert where in (None, error["error"]["param"], error["error"]["code"]), f"{what}: {error}"
+        assert error["error"]["message"], what
+        got, answer = server.request("POST", "/v1/chat/completions", good)
+        assert got == 200 and answer["choices"][0]["message"]["content"] == expected, f"after {what}: {answer}"
+    assert server.request("GET", "/v1/nothing-here")[0] == 404
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert server.health()["status"] == "ok"
+
+
+def open_stream(server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    return conn, conn.getresponse()
+
+
+def wait_for(server, condition, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while not condition(health := server.health()):
+        assert time.monotonic() < deadline, f"server state never changed: {health}"
+        time.sleep(0.1)
+    return health
+
+
+def test_client_disconnecting_frees_its_row(server, model):
+    # Sampling at a high temperature with top_k off runs to max_tokens: a long answer to walk away from.
+    long = {"model": "m", "messages": [user("Hello")], "max_tokens": 400, "temperature": 2.0, "top_k": 0,
+            "seed": 1}
+    before = wait_for(server, lambda h: h["active"] == 0)
+    conn, response = open_stream(server, {**long, "stream": True})
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the role chunk: the request is being answered
+    conn.sock.shutdown(2)  # the client goes away mid-stream
+    conn.close()
+    after = wait_for(server, lambda h: h["cancelled"] > before["cancelled"] and h["active"] == 0)
+    assert after["completed"] == before["completed"]
+
+    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(long).encode(),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    wait_for(server, lambda h: h["active"] == 1)
+    conn.close()  # a non-streaming client that gives up waiting
+    after = wait_for(server, lambda h: h["cancelled"] > before["cancelled"] + 1 and h["active"] == 0)
+    assert after["completed"] == before["completed"]
+
+    answer = server.client().chat.completions.create(model="m", messages=[user("Hello")], max_tokens=3)
+    assert answer.choices[0].message.content == model.chat(None, "Hello", max_new_tokens=3)
