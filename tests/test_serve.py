@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import functools
 import http.client
+import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ IMAGES = sorted((ROOT / "examples" / "images").glob("*.png"))
 KEY = "test-key"
 STRICT = ("--api-key", KEY, "--max-batch", "8", "--max-body-mb", "0.5", "--max-image-mb", "0.1",
           "--max-image-pixels", "1000000")
+PERMISSIVE = ("--max-batch", "4", "--allow-remote-images")  # and --allow-local-images, see permissive_server
 
 
 class ServerProcess:
@@ -53,7 +57,8 @@ class ServerProcess:
         return None
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120, **kwargs)
+        return openai.OpenAI(**{"base_url": self.url + "/v1", "api_key": KEY, "max_retries": 0, "timeout": 120,
+                                **kwargs})
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 120):
         """(status, parsed JSON or text) over plain http.client, for bodies no client library would send."""
@@ -86,10 +91,31 @@ _SERVERS: dict[tuple, ServerProcess] = {}
 
 
 def shared_server(tmp_path_factory, *args: str) -> ServerProcess:
-    """One server per set of options for the whole session, whichever test module asks first."""
+    """One server per set of options for the whole session, whichever test module asks first (each module's
+    session-scoped fixture calls `stop_servers` at the end)."""
     if args not in _SERVERS or _SERVERS[args].proc.poll() is not None:
         _SERVERS[args] = ServerProcess(tmp_path_factory.mktemp("server"), *args)
     return _SERVERS[args]
+
+
+def stop_servers() -> None:
+    while _SERVERS:
+        _SERVERS.popitem()[1].stop()
+
+
+def permissive_server(tmp_path_factory) -> ServerProcess:
+    """No API key, remote images on, file:// images from a folder holding one image and a symlink out of it."""
+    return shared_server(tmp_path_factory, *PERMISSIVE, "--allow-local-images", str(local_images(tmp_path_factory)))
+
+
+def local_images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "local-images"
+    if not folder.exists():
+        folder.mkdir()
+        shutil.copyfile(IMAGES[0], folder / "inside.png")
+        shutil.copyfile(IMAGES[1], folder.parent / "outside.png")
+        (folder / "link-out.png").symlink_to(folder.parent / "outside.png")
+    return folder
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +140,13 @@ def user(text: str, image: str | None = None) -> dict:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     yield shared_server(tmp_path_factory, *STRICT)
-    _SERVERS.pop(STRICT).stop()
+    stop_servers()
+
+
+@pytest.fixture(scope="session")
+def permissive(tmp_path_factory):
+    yield permissive_server(tmp_path_factory)
+    stop_servers()
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +345,36 @@ def test_client_disconnecting_frees_its_row(server, model):
 
     answer = server.client().chat.completions.create(model="m", messages=[user("Hello")], max_tokens=3)
     assert answer.choices[0].message.content == model.chat(None, "Hello", max_new_tokens=3)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_and_local_image_urls_where_the_operator_allows_them(permissive, tmp_path_factory, model):
+    """--allow-remote-images fetches http:// URLs (here from a server on 127.0.0.1); --allow-local-images DIR reads
+    file:// URLs inside DIR only: not a file elsewhere, not through `..`, not through a symlink pointing out."""
+    folder = local_images(tmp_path_factory)
+    images = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(IMAGES[0].parent)))
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    client = permissive.client()
+    question = "Describe the image."
+    try:
+        remote = f"http://127.0.0.1:{images.server_address[1]}/{IMAGES[2].name}"
+        answer = client.chat.completions.create(model="m", messages=[user(question, remote)])
+        assert answer.choices[0].message.content == model.chat(IMAGES[2], question)
+        missing = permissive.request("POST", "/v1/chat/completions", {"messages": [user(question, remote + "x")]})
+        assert missing[0] == 400 and missing[1]["error"]["code"] == "image_fetch_failed"
+    finally:
+        images.shutdown()
+        images.server_close()
+    answer = client.chat.completions.create(model="m", messages=[user(question, f"file://{folder}/inside.png")])
+    assert answer.choices[0].message.content == model.chat(IMAGES[0], question)
+    for url in (f"file://{IMAGES[1]}", f"file://{folder}/../outside.png", f"file://{folder}/link-out.png"):
+        status, error = permissive.request("POST", "/v1/chat/completions", {"messages": [user(question, url)]})
+        assert status == 400 and error["error"]["code"] == "image_url_not_allowed", (url, error)
+    status, error = permissive.request("POST", "/v1/chat/completions",
+                                       {"messages": [user(question, f"file://{folder}/absent.png")]})
+    assert status == 400 and error["error"]["code"] == "invalid_image", error
