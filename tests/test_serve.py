@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import sys
@@ -246,7 +247,6 @@ def bad_requests(tiny_context: int):
     return [
         ("invalid JSON", b"{not json", {}, 400, None),
         ("body not an object", [1, 2], {}, 400, None),
-        ("body past the limit", b" " * 600_000, {}, 413, "request_too_large"),
         ("no messages", {"model": "m"}, {}, 400, "messages"),
         ("messages not a list", {**base, "messages": "hi"}, {}, 400, "messages"),
         ("content of a wrong type", {**base, "messages": [{"role": "user", "content": 5}]}, {}, 400,
@@ -301,10 +301,35 @@ def test_every_bad_request_is_a_4xx_and_the_next_good_one_is_answered(server, mo
         assert error["error"]["message"], what
         got, answer = server.request("POST", "/v1/chat/completions", good)
         assert got == 200 and answer["choices"][0]["message"]["content"] == expected, f"after {what}: {answer}"
+    for declared in (True, False):
+        status, error = post_oversized_body(server, 2**19, declared)  # STRICT's --max-body-mb 0.5
+        assert status == 413 and error["error"]["code"] == "request_too_large", error
+        got, answer = server.request("POST", "/v1/chat/completions", good)
+        assert got == 200 and answer["choices"][0]["message"]["content"] == expected
     assert server.request("GET", "/v1/nothing-here")[0] == 404
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert server.health()["status"] == "ok"
+
+
+def post_oversized_body(server, limit: int, declared: bool) -> tuple[int, dict]:
+    """A body over the limit: declared by Content-Length (only its first byte is sent: the server must answer from
+    the header) or sent chunked, with no length, so that the server has to count (the last chunk passes the limit,
+    so nothing is left unread that could turn the server's close into a reset). Raw socket, so the client sends
+    exactly what it says."""
+    with socket.create_connection((server.host, int(server.port)), timeout=60) as sock:
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.host}\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/json\r\nConnection: close\r\n")
+        if declared:
+            sock.sendall(f"{head}Content-Length: {limit + 1}\r\n\r\n{{".encode())
+        else:
+            sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+            part = b" " * 65536
+            for _ in range(limit // len(part) + 1):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))  # no end: the server must stop reading
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
 
 
 def open_stream(server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:

@@ -10,7 +10,7 @@ from ..cli.options import UsageError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cogvlm.serve")
-    command.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True)).prog = parser.prog
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     try:
         return command.run(args) or 0

@@ -27,12 +27,13 @@ class ServeConfig:
     remote_timeout: float = 10.0  # seconds for fetching one remote image
 
     def __post_init__(self):
-        for name in ("max_batch", "max_waiting", "max_context", "max_body_bytes", "max_image_bytes",
-                     "max_image_pixels"):
+        for name, option in (("max_batch", "--max-batch"), ("max_waiting", "--max-waiting"),
+                             ("max_context", "--max-context"), ("max_body_bytes", "--max-body-mb"),
+                             ("max_image_bytes", "--max-image-mb"), ("max_image_pixels", "--max-image-pixels")):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{option} must be positive ({name} = {getattr(self, name)})")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.local_images_dir is not None:
             if not os.path.isdir(self.local_images_dir):
                 raise ValueError(f"--allow-local-images {self.local_images_dir}: not a folder")

@@ -206,6 +206,7 @@ class Engine:
         views = [CacheView(c.k[row:row + 1, :, lo:hi], c.v[row:row + 1, :, lo:hi]) for c in self.caches]
         # The same call as DecodeSession.prefill for an unpadded prompt: causal attention over the prompt itself.
         out = self.model(ids, types, None, pixels, positions, kv_caches=views, cache_pos=0, last_logits_only=True)
+        job.pixel_values = None  # not needed any more: its features are in the cache
         self.logits[row] = out.logits[0, -1]
         self.key_valid[row] = False
         self.key_valid[row, lo:hi] = True
