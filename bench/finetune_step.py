@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cogvlm.config import CogVLMConfig, TextConfig, VisionConfig  # noqa: E402
-from cogvlm.finetune import select_trainable, set_gradient_checkpointing, training_loss  # noqa: E402
+from cogvlm.finetune import TrainConfig, make_trainable, training_loss  # noqa: E402
 from cogvlm import CogVLM  # noqa: E402
 
 DEFAULT_CASES = ["experts:fp32", "experts:bf16", "lora:fp32", "full:fp32"]
@@ -80,7 +80,6 @@ def batch(cfg: CogVLMConfig, batch_size: int, prompt_len: int, answer_len: int, 
 
 def one_case(args) -> dict:
     preset, _, tdtype = args.one.partition(":")
-    trainable_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tdtype or "fp32"]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = config(args.config)
@@ -91,13 +90,10 @@ def one_case(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     model = random_model(cfg, device, dtype)
-    names = select_trainable(model, preset, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                             lora_dtype=trainable_dtype)
+    names = make_trainable(model, TrainConfig(  # what the trainer does with these options
+        data="", out="", preset=preset, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+        trainable_dtype=tdtype or "fp32", gradient_checkpointing=not args.no_gradient_checkpointing))
     params = dict(model.named_parameters())
-    for n in names:
-        params[n].data = params[n].data.to(trainable_dtype)
-    set_gradient_checkpointing(model, not args.no_gradient_checkpointing)
-    model.train()
     trainable = [params[n] for n in names]
     result["trainable_params"] = sum(p.numel() for p in trainable)
     result["total_params"] = sum(p.numel() for p in model.parameters())

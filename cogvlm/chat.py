@@ -148,11 +148,13 @@ def chat(model, image, query: str, history=None, template: str | None = None, **
 
 
 def chat_batch(model, images: Sequence, queries: Sequence[str], histories: Sequence | None = None,
-               template: str | Sequence[str] | None = None, batch_size: int = 8, **generation) -> list[str]:
-    """Answers to many conversations (captioning), `batch_size` at a time; each equals what `chat` gives for it
-    alone (with sampling too: every row draws from its own generator seeded with `seed`)."""
+               template: str | Sequence[str] | None = None, batch_size: int | None = None, **generation) -> list[str]:
+    """Answers to many conversations (captioning): all in one batch, or `batch_size` at a time; each equals what
+    `chat` gives for it alone (with sampling too: every row draws from its own generator seeded with `seed`).
+    Images may be given already decoded (PIL), so a caller that has opened them does not decode them twice."""
     if len(images) != len(queries):
         raise ValueError(f"{len(images)} images but {len(queries)} queries: give one query per image")
+    batch_size = batch_size or max(1, len(queries))
     answers: list[str] = []
     for start in range(0, len(queries), batch_size):
         part = slice(start, start + batch_size)

@@ -1,8 +1,10 @@
 """Generation: prefill the prompt once, then one token per step against a preallocated (static) KV cache.
 
-`DecodeSession` holds the cache; `generate_tokens` is the decode loop (greedy or sampled, with Hugging Face's logits
-processors, batches with left padding whose rows finish independently); `generate` collects its token ids. Text,
-stop strings and streaming live in `cogvlm.chat`.
+`DecodeSession` holds the cache and the captured decode step; it is kept on the model and reused by the next call
+that fits it (same batch size, no longer), so captioning batch after batch allocates and captures once.
+`generate_tokens` is the decode loop (greedy or sampled, with Hugging Face's logits processors, batches with left
+padding whose rows finish independently); `generate` collects its token ids. Text, stop strings and streaming live in
+`cogvlm.chat`.
 """
 from __future__ import annotations
 
@@ -28,14 +30,16 @@ class DecodeSession:
     hundreds of small kernels, and replaying them as one graph removes the launch overhead between them.
     """
 
-    def __init__(self, model: CogVLM, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model: CogVLM, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                 cache_dtype: torch.dtype | None = None):
         if max_len > model.cfg.text.max_position_embeddings:
             raise ValueError(
                 f"{max_len} tokens (prompt + new tokens) exceed the model's max_position_embeddings "
                 f"({model.cfg.text.max_position_embeddings}); shorten the prompt or lower max_new_tokens"
             )
-        self.model = model
-        self.caches = model.new_kv_caches(batch_size, max_len)
+        self.model, self.batch_size, self.capacity = model, batch_size, max_len
+        self.cache_dtype = cache_dtype or model.dtype  # e.g. bf16 caches for an fp32 model trained under autocast
+        self.caches = model.new_kv_caches(batch_size, max_len, dtype=self.cache_dtype)
         device = self.caches[0].k.device
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # cache slots used so far (host-side copy of cache_pos, for bounds checks)
@@ -46,11 +50,35 @@ class DecodeSession:
         self.use_graph = (device.type == "cuda" and one_device) if cuda_graph is None else cuda_graph
         self.graph = None
         self.graph_logits = None
+        self.owner = None  # the decode loop using the session now (a session serves one batch at a time)
+
+    def claim(self) -> object:
+        """Start a new use; an earlier decode loop still iterating on this session then fails at its next step
+        instead of reading the new batch's cache."""
+        self.owner = object()
+        return self.owner
+
+    def fits(self, batch_size: int, max_len: int, cuda_graph: bool | None = None, cache_dtype=None) -> bool:
+        """Whether this session can serve a request of `batch_size` rows and `max_len` tokens with these options."""
+        return (batch_size == self.batch_size and max_len <= self.capacity
+                and (cuda_graph is None or cuda_graph == self.use_graph)
+                and (cache_dtype or self.model.dtype) == self.cache_dtype)
+
+    def reset(self) -> None:
+        """Forget the batch decoded so far; buffers (and a captured graph, which reads them) are kept."""
+        self.key_valid.zero_()
+        self.cache_pos.zero_()
+        self.next_pos.zero_()
+        self.length = 0
 
     @torch.no_grad()
     def prefill(self, input_ids, token_type_ids=None, attention_mask=None, pixel_values=None) -> torch.Tensor:
-        """Run the prompt (B, L); returns the last position's logits (B, V)."""
+        """Start a new batch: run the prompt (B, L) from slot 0; returns the last position's logits (B, V)."""
         B, L = input_ids.shape
+        if B != self.batch_size or L > self.capacity:
+            raise ValueError(f"a prompt of {B} x {L} tokens does not fit this session ({self.batch_size} x "
+                             f"{self.capacity}); make a new DecodeSession")
+        self.reset()
         device = self.key_valid.device
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -110,7 +138,7 @@ class DecodeSession:
         """Feed one token per row (B,); returns the logits (B, V) for the next one. Every step is text.
 
         With a CUDA graph the returned tensor is a static buffer, overwritten by the next step."""
-        if self.length >= self.key_valid.shape[1]:
+        if self.length >= self.capacity:
             raise ValueError(f"the KV cache is full ({self.length} tokens); allocate a longer session")
         self.tokens.copy_(tokens.view(-1, 1))
         self.length += 1
@@ -125,6 +153,34 @@ class DecodeSession:
     def last_positions(self) -> torch.Tensor:
         """(B,) rotary position of the last token fed."""
         return self.next_pos[:, 0] - 1
+
+
+def session_for(model: CogVLM, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                cache_dtype: torch.dtype | None = None) -> DecodeSession:
+    """The session kept on `model`, reused when it fits the request, else a new one (which replaces it).
+
+    Lengths are rounded up to a multiple of SESSION_LENGTH_STEP, so prompts of slightly different lengths share one
+    session and one captured graph; the extra slots are masked out and cost little. Only one session is kept: its
+    KV cache is the largest allocation after the weights. Swapping modules (`cogvlm.swap`) drops it."""
+    kept = model.__dict__.get(KEPT_SESSION)
+    if kept is not None and kept.fits(batch_size, max_len, cuda_graph, cache_dtype):
+        return kept
+    model.__dict__.pop(KEPT_SESSION, None)  # free its caches before allocating the new ones
+    kept = None
+    limit = model.cfg.text.max_position_embeddings
+    length = max_len if max_len > limit else min(limit, -(-max_len // SESSION_LENGTH_STEP) * SESSION_LENGTH_STEP)
+    session = DecodeSession(model, batch_size, length, cuda_graph, cache_dtype)
+    model.__dict__[KEPT_SESSION] = session
+    return session
+
+
+def release_session(model: CogVLM) -> None:
+    """Free the session kept on `model` (its KV caches and graph), e.g. between evaluations during training."""
+    model.__dict__.pop(KEPT_SESSION, None)
+
+
+KEPT_SESSION = "_decode_session"  # where the model keeps its session (a plain attribute, not a submodule)
+SESSION_LENGTH_STEP = 256
 
 
 # -- Logits processors, with the semantics and in the order of Hugging Face's generate() ---------------------------
@@ -208,6 +264,9 @@ def generate_tokens(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    session: DecodeSession | None = None,
+    cuda_graph: bool | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
     """An iterator over the next token of every row, (B,) on the model's device, one step at a time.
 
@@ -217,6 +276,9 @@ def generate_tokens(
     tensor; the text layer does so at stop strings). Finished rows yield (and keep feeding) pad_id so the batch stays
     rectangular; the loop ends when every row is finished or after max_new_tokens steps.
     Sampling follows HF's generate(): greedy unless do_sample; top_k=50 is HF's default.
+    `session`: the DecodeSession to decode in (it must fit B rows and L + max_new_tokens tokens); by default the one
+    kept on the model (`session_for`), built with `cuda_graph` (default: on for a model on one GPU) and KV caches in
+    `cache_dtype` (default: the model's compute dtype).
     Every check happens here, at the call, before any compute; the decoding starts with the iteration.
     """
     text = model.cfg.text
@@ -239,8 +301,13 @@ def generate_tokens(
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty)
+    if session is None:
+        session = session_for(model, B, L + max_new_tokens, cuda_graph, cache_dtype)
+    elif not session.fits(B, L + max_new_tokens):
+        raise ValueError(f"the session holds {session.batch_size} x {session.capacity} tokens; this request needs "
+                         f"{B} x {L + max_new_tokens}")
     return _decode(
-        model, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
+        session, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens,
         text.eos_token_id if eos_id is None else eos_id,
         text.pad_token_id if pad_id is None else pad_id,
         torch.zeros(B, dtype=torch.bool) if finished is None else finished,
@@ -249,10 +316,11 @@ def generate_tokens(
 
 
 @torch.no_grad()
-def _decode(model, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, eos_id, pad_id, finished,
+def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, max_new_tokens, eos_id, pad_id, finished,
             seed, sampling) -> Iterator[torch.Tensor]:
+    model = session.model
+    ticket = session.claim()
     B, L = input_ids.shape
-    session = DecodeSession(model, B, L + max_new_tokens)
     if pixel_values is not None:
         pixel_values = pixel_values.to(device=model.vision.patch_embed.proj.weight.device, dtype=model.dtype)
     logits = session.prefill(input_ids, token_type_ids, attention_mask, pixel_values)
@@ -278,6 +346,10 @@ def _decode(model, input_ids, token_type_ids, attention_mask, pixel_values, max_
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         seen[rows, tokens] = True
+        if session.owner is not ticket:
+            raise RuntimeError("another generation started on this model's decode session while this one was still "
+                               "running; finish one before starting the next, or pass each its own "
+                               "session=DecodeSession(model, batch_size, max_len)")
         logits = session.step(tokens)
 
 

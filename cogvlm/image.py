@@ -9,16 +9,22 @@ The reference (`build_conversation_input_ids` in cogvlm-chat-hf) does::
 
 This module reproduces that bit for bit without torchvision, and adds robust loading: every way an
 input can be broken surfaces as one error type, `ImageError`, naming the source and the problem.
+
+Photos are turned upright by their EXIF orientation tag first (`ImageOps.exif_transpose`), as image viewers and
+browsers show them: a phone photo taken in portrait stores landscape pixels plus "rotate 90", and the model should see
+what the user sees. The reference does not do this (it sees such photos sideways); for images without the tag, or with
+orientation 1, nothing changes.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 from typing import IO, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ImageError", "ImageSource", "load_image", "preprocess"]
 
@@ -62,23 +68,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(src: ImageSource) -> Image.Image:
-    """Load `src` (path, bytes, binary file object or PIL image) as an RGB PIL image.
+def _upright(im: Image.Image) -> Image.Image:
+    """`im` turned as its EXIF orientation says (a no-op once applied: exif_transpose removes the tag). An EXIF block
+    too broken to read is ignored, as viewers ignore it: the pixels are still good."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return im
+
+
+def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
+    """Load `src` (path, bytes, binary file object or PIL image) as an upright RGB PIL image.
 
     Multi-frame files (animated GIF, multi-page TIFF) give their first frame. Raises `ImageError` for a
     missing/unreadable file, data that is not an image, a truncated image, or a decompression bomb
-    (more pixels than PIL's `Image.MAX_IMAGE_PIXELS` safety limit allows).
+    (more pixels than PIL's `Image.MAX_IMAGE_PIXELS` safety limit allows). `name` is how errors call the source
+    (default: the path, or `<bytes>`, `<file object>`, `<PIL image>`), e.g. `<stdin>`.
     """
-    name = _source_name(src)
+    name = name or _source_name(src)
     try:
         if isinstance(src, Image.Image):
-            return _to_rgb(src)
+            return _to_rgb(_upright(src))
         fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
         # The context manager closes files PIL opened itself; a caller's file object is left open.
         with Image.open(fp) as im:
             im.seek(0)  # first frame of animations
             im.load()  # decode now, inside the try, so truncated data is caught here
-            return _to_rgb(im)
+            return _to_rgb(_upright(im))
     except FileNotFoundError:
         raise ImageError(f"cannot read image {name}: file not found") from None
     except IsADirectoryError:

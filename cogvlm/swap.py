@@ -95,6 +95,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at the dotted `name` of `model`."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    # A decode session kept on the model (cogvlm.generate.session_for) may hold a CUDA graph recorded with the old
+    # module's kernels: drop it, the next call builds a new one.
+    model.__dict__.pop("_decode_session", None)
 
 
 def replace_modules(model: nn.Module, patterns: Sequence[str], make: Callable[[str, nn.Module], nn.Module],

@@ -131,7 +131,9 @@ def test_chat_over_a_pipe_answers_each_question_with_its_history(converted, mode
     a4 = model.chat(img1, q[3], **gen)  # after /image: the new image, a new conversation
     stdin = f"{q[0]}\n{q[1]}\n/clear\n{q[2]}\n\n/image {img1}\n{q[3]}\n/quit\nnever asked\n"
     r = cogvlm("chat", "--image", img0, "--model", converted, "--max-new-tokens", 6, env=env, stdin=stdin)
-    assert r.stdout == f"{a1}\n{a2}\n{a3}\n{a4}\n"  # answers only: no prompts when stdin is not a terminal
+    # Answers only (no prompts when stdin is not a terminal); the empty line gets an empty line, so that every line
+    # that is not a /command has its line in the output.
+    assert r.stdout == f"{a1}\n{a2}\n{a3}\n\n{a4}\n"
     assert "you>" not in r.stderr
 
     # End of input ends the chat as /quit does.
@@ -280,3 +282,51 @@ def test_help(command, env):
                      "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--sample", "--seed", "--quiet",
                      "--device-map", "--max-memory"):
             assert flag in r.stdout
+
+
+COMMANDS = ["ask", "chat", "caption", "convert", "export-hf", "plan", "finetune"]
+NO_TORCH = """
+import sys
+from cogvlm.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert e.code == 0, e.code
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]] + [[c, "--help"] for c in COMMANDS])
+def test_help_and_version_do_not_import_torch(args, env):
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, env=env,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("cogvlm 0.1.0\n" if args == ["--version"] else "usage: cogvlm")
+
+
+def test_version_is_the_package_version(env):
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert cogvlm("--version", env=env).stdout == f"cogvlm {version}\n"
+
+
+def test_choices_written_in_the_cli_are_the_real_ones():
+    """The CLI spells its choices out (so that --help needs no torch); they must be the library's."""
+    from cogvlm.cli import finetune as cli_finetune, options, plan as cli_plan
+    from cogvlm.device_map import STRATEGIES
+    from cogvlm.finetune import PRESETS
+    from cogvlm.prompt import TEMPLATES
+    from cogvlm.shards import DTYPES
+
+    assert options.DTYPE_CHOICES == tuple(DTYPES)
+    assert sorted(options.TEMPLATE_CHOICES) == sorted(TEMPLATES)
+    assert cli_plan.STRATEGY_CHOICES == tuple(STRATEGIES)
+    assert cli_finetune.PRESET_CHOICES == tuple(PRESETS)
+
+
+@pytest.mark.parametrize("command", ["ask", "chat", "caption"])
+def test_device_map_example_survives_line_wrapping(command, env):
+    """Pasting the example from --help must work, however narrow the terminal."""
+    from cogvlm.cli.options import DEVICE_MAP_EXAMPLE
+
+    r = cogvlm(command, "--help", env={**env, "COLUMNS": "50"})
+    assert any(line.split()[-1:] == [DEVICE_MAP_EXAMPLE] and "--device-map" in line for line in r.stdout.splitlines())

@@ -17,9 +17,10 @@ from cogvlm import shapes
 from cogvlm.config import CogVLMConfig, TextConfig, VisionConfig
 from cogvlm.convert import convert
 from cogvlm.data import ConversationDataset, DataError, Example, collate, read_jsonl
+from cogvlm.cli.finetune import add_parser as add_finetune_command, config_from_args
 from cogvlm.finetune import (
-    TrainConfig, Trainer, add_finetune_command, build_model, config_from_args, generate_answers, init_weights,
-    select_trainable, set_gradient_checkpointing, train, training_loss,
+    TrainConfig, Trainer, build_model, generate_answers, init_weights, select_trainable, set_gradient_checkpointing,
+    train, training_loss,
 )
 from cogvlm.image import preprocess
 from cogvlm.lora import LoRALinear

@@ -232,8 +232,9 @@ def test_stream_chat_pieces_join_to_chat(model, name):
     assert "".join(pieces) == model.chat(**conv, max_new_tokens=10)
 
 
-def test_cache_is_sized_to_the_request(model, monkeypatch):
-    """The static KV cache holds the prompt plus max_new_tokens, no more."""
+def test_session_is_sized_to_the_request_and_reused(model, monkeypatch):
+    """The kept KV cache holds the prompt plus max_new_tokens (rounded up to the session step, never past the
+    context); a later request that fits reuses it, a longer or wider one replaces it."""
     sizes = []
     real_init = gen.DecodeSession.__init__
 
@@ -242,10 +243,31 @@ def test_cache_is_sized_to_the_request(model, monkeypatch):
         real_init(self, m, batch_size, max_len, *a, **k)
 
     monkeypatch.setattr(gen.DecodeSession, "__init__", spy)
+    model.__dict__.pop(gen.KEPT_SESSION, None)
+    limit = model.cfg.text.max_position_embeddings
+    step = min(gen.SESSION_LENGTH_STEP, limit)
     ids = torch.tensor([[1, 450, 7483, 310]])
     first = model.generate(ids, max_new_tokens=5)[0]
-    assert sizes == [(1, 9)] and len(first) == 5
+    assert sizes == [(1, step)] and len(first) == 5
+    assert model.generate(ids, max_new_tokens=5)[0] == first and len(sizes) == 1  # reused, same answer
     # default: as many new tokens as fit in max_position_embeddings (stopped at once here by calling its first
     # token eos, to keep the test fast)
     assert model.generate(ids, eos_id=first[0]) == [first[:1]]
-    assert sizes[-1] == (1, model.cfg.text.max_position_embeddings)
+    assert sizes[-1] == (1, limit)
+    two = model.generate(ids.repeat(2, 1), max_new_tokens=5)
+    assert sizes[-1][0] == 2 and two == [first, first]
+    fresh = gen.DecodeSession(model, 2, ids.shape[1] + 5)  # an explicit session gives the same tokens
+    assert model.generate(ids.repeat(2, 1), max_new_tokens=5, session=fresh) == two
+    with pytest.raises(ValueError, match="session holds 2 x 9"):
+        model.generate(ids.repeat(3, 1), max_new_tokens=5, session=fresh)
+
+
+def test_interleaved_generations_on_one_session_fail_loudly(model):
+    """Two decode loops cannot share the kept session: the older one stops with a clear error, never reading the
+    newer batch's cache."""
+    ids = torch.tensor([[1, 450, 7483, 310]])
+    older = gen.generate_tokens(model, ids, max_new_tokens=4)
+    next(older)
+    assert len(model.generate(ids, max_new_tokens=4)[0]) == 4
+    with pytest.raises(RuntimeError, match="another generation started"):
+        next(older)
