@@ -21,7 +21,7 @@ request sets temperature > 0, top_p or top_k.
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..serve.config import add_options
-    from .options import model_options
+    from .options import TEMPLATE_CHOICES, model_options
 
     p = subparsers.add_parser(
         "serve", parents=[model_options()], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve the model over HTTP: OpenAI's /v1/chat/completions (streaming too), /v1/models, "
                     "/health and a chat page at /. Concurrent requests share the decode batch.")
     add_options(p)
+    p.add_argument("--template", choices=TEMPLATE_CHOICES,
+                   help="prompt template of every request (default: the checkpoint's template_version)")
     return p
 
 
@@ -46,10 +48,7 @@ def run(args) -> None:
     except ImportError as e:
         raise UsageError(f"cogvlm serve needs the serve extra ({e.name} is missing): pip install 'cogvlm[serve]'") \
             from None
-    from ..prompt import TEMPLATES
-
-    if config.template is not None and config.template not in TEMPLATES:
-        raise UsageError(f"--template {config.template}: not one of {', '.join(TEMPLATES)}")
+    args.batch_size = config.max_batch  # a planned --device-map then reserves the engine's KV cache
     model = load_model(args)  # before binding: the URL is printed only once requests can be answered
     from ..serve.server import serve
 

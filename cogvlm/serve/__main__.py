@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..cli import serve as command
-from ..cli.options import UsageError
+from ..cli.options import UsageError, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,10 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except UsageError as e:
-        print(f"cogvlm serve: error: {e}", file=sys.stderr)
+        print(f"cogvlm serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
-        print(f"cogvlm serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"cogvlm serve: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

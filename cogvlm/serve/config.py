@@ -41,7 +41,7 @@ class ServeConfig:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    """The serve options; the model options come from `cogvlm.cli.options`."""
+    """The serve options; the model options and --template come from `cogvlm.cli.options`."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
@@ -50,7 +50,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 requests (default: $COGVLM_API_KEY, else none)")
     g.add_argument("--served-model-name", metavar="NAME",
                    help="model id shown by /v1/models and in responses (default: the --model id, or a folder's name)")
-    g.add_argument("--template", help="prompt template: chat, vqa or base (default: the checkpoint's)")
     g.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="requests decoded together (default 8); the KV cache for N full contexts is allocated "
                         "at start")
