@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from .test_serve import IMAGES, PERMISSIVE, permissive_server, reference_model, stop_servers
+from .test_serve import IMAGES, permissive_server, reference_model, stop_servers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import queue
 
 import pytest
-import torch
 
 from cogvlm.conversation import ConversationError, from_messages
 from cogvlm.image import preprocess
