@@ -1,24 +1,17 @@
 """Captioning on many GPUs and machines with torchrun: `torchrun --nproc-per-node G -m cogvlm caption PATHS --out OUT`.
 
-Every process (rank) loads its own model (on cuda:LOCAL_RANK, or as --device / --device-map say) and captions with the
-one job loop of `cogvlm.caption` (decoding and resizing in worker threads, one `chat_batch` per batch, fsync per
-batch). This module adds the sharing out and the putting together; see docs/caption_dist.md.
+Each rank loads its own model (cuda:LOCAL_RANK, or as --device / --device-map say) and runs the one batch loop of
+`cogvlm.caption` (decoding in worker threads, one `chat_batch` per batch); this module shares out and puts together
+(docs/caption_dist.md). Rank 0 takes `OUT.lock`, counts every record in OUT and in the parts that earlier runs left
+in `OUT.parts/` as done, and puts the rest into torchrun's key-value store in chunks of one batch. A rank takes the
+next chunk by an atomic counter there (`store.add`) whenever its decoding workers need more images, so a slow rank
+just takes fewer and nobody waits before the end; no chunk is handed out twice. Each rank appends to its own part
+(a `CaptionFile`: one write per line, fsync per batch), so a SIGKILLed rank loses at most its batch in flight, and a
+rerun with any number of ranks or nodes goes on from the records. At the end rank 0 merges OUT and the parts into OUT,
+one line per image in the input's order, through a temporary file renamed over OUT, then removes the parts.
 
-- Rank 0 takes the job's lock (`OUT.lock`), reads what earlier runs left (`OUT` and the parts in `OUT.parts/`), and
-  cuts the images still to do into chunks of one batch, which it puts into torchrun's key-value store.
-- A rank takes the next chunk with an atomic counter in that store (`store.add`, one round trip) whenever its decoding
-  workers need more images, so a slow rank simply takes fewer chunks: no rank waits for another until the end, and no
-  chunk is handed out twice. Progress counts go through the store the same way, for rank 0's one progress bar.
-- Each rank appends its records to its own part `OUT.parts/part-RUN-RANK.jsonl` (a `CaptionFile`: one write per line,
-  fsync per batch). The records are the only state: a rerun, with any number of ranks or nodes, counts every record in
-  OUT and in every part as done, so a SIGKILLed rank loses at most its batch in flight (and the chunk it prefetched).
-- When every rank is done, rank 0 merges OUT and the parts into OUT, one line per image in the input's order (records
-  of other images that OUT held come first), through a temporary file that is fsync'ed and renamed over OUT; then the
-  parts are removed. A kill before the rename leaves the old OUT and the parts (the next run merges them); a kill after
-  it leaves parts that repeat lines of OUT, and the next merge keeps one line per image.
-
-No process group is made: the job exchanges no tensors, only the plan and counters, which the store carries (as JSON,
-nothing unpickled). So there is no collective that could make ranks wait for each other, and no NCCL memory on GPUs.
+No process group is made: the job exchanges no tensors, only a plan and counters, which the store carries (JSON,
+nothing unpickled). So no collective makes ranks wait for each other, and GPUs hold no NCCL buffers.
 """
 from __future__ import annotations
 
@@ -29,6 +22,8 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -42,19 +37,17 @@ from .caption import (IMAGE_EXTENSIONS, CaptionFile, CaptionResult, ProgressBar,
 __all__ = ["JobLock", "under_torchrun", "use_dist", "torchrun_device", "parts_folder", "run_dist_caption_job"]
 
 KILL_ENV = "COGVLM_CAPTION_TEST_KILL"  # test hook, "N": the rank that writes the job's N-th batch SIGKILLs itself
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Other ranks wait this long for rank 0's plan (finding millions of files on a network file system takes minutes).
 PLAN_TIMEOUT = timedelta(hours=2)
 STORE_MESSAGE = 4 << 20  # bytes of chunk lists per store message (the store refuses messages over 8 MiB)
 
 
 def under_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARS)
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def parts_folder(out) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".parts")
+    return Path(out).with_name(Path(out).name + ".parts")
 
 
 def use_dist(out) -> bool:
@@ -70,8 +63,7 @@ def torchrun_device(args) -> None:
         return
     local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
     if count > 1 and local >= count:
-        raise ValueError(f"LOCAL_RANK {local}, but only {count} GPUs are visible: give --nproc-per-node {count} or "
-                         "fewer")
+        raise ValueError(f"LOCAL_RANK {local}, but only {count} GPUs are visible: give --nproc-per-node {count} or less")
     index = local if count > 1 else 0  # one GPU visible: this rank's own (CUDA_VISIBLE_DEVICES per rank) or shared
     torch.cuda.set_device(index)
     args.device = f"cuda:{index}"
@@ -84,7 +76,8 @@ class JobLock:
     refused with the way out (remove the file), since its process cannot be checked from here."""
 
     def __init__(self, out, log: Callable[[str], None] | None = None):
-        self.path = Path(out).with_name(Path(out).name + ".lock")
+        self.out = Path(out)
+        self.path = self.out.with_name(self.out.name + ".lock")
         self.log = log or (lambda message: None)
         self.mine = b""
 
@@ -123,33 +116,32 @@ class JobLock:
         if content and self._read() == content:
             self.path.unlink(missing_ok=True)
 
-    @staticmethod
-    def _owner(held: bytes) -> dict:
-        try:
-            owner = json.loads(held)
-        except ValueError:
-            return {}
-        return owner if isinstance(owner, dict) else {}
-
     def _stale(self, held: bytes) -> bool:
-        owner = self._owner(held)
+        owner = _owner(held)
         if os.name != "posix" or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
             return False
         try:
-            os.kill(owner["pid"], 0)  # signal 0: only asks whether the process exists
+            os.kill(owner["pid"], 0)  # signal 0 only asks whether the process exists (PermissionError: it does)
         except ProcessLookupError:
             return True
-        except PermissionError:  # it exists, as another user
-            return False
+        except PermissionError:
+            pass
         return False
 
     def _refusal(self, held: bytes) -> str:
-        owner = self._owner(held)
+        owner = _owner(held)
         who = (f"host {owner.get('host')}, pid {owner.get('pid')}, since {owner.get('since')}" if owner
                else "its owner is not recorded")
-        out = self.path.with_suffix("") if self.path.suffix == ".lock" else self.path
-        return (f"{out} is being written by another caption job ({who}): wait for it to end; if that job is gone "
+        return (f"{self.out} is being written by another caption job ({who}): wait for it to end; if that job is gone "
                 f"(killed, or its machine went down), remove {self.path} and run again")
+
+
+def _owner(held: bytes) -> dict:
+    try:
+        owner = json.loads(held)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 class Ranks:
@@ -171,14 +163,13 @@ class Ranks:
 
     def publish(self, plan: dict, chunks: list[list[str]]) -> None:
         """Rank 0: the chunks first, then the plan that names them, so that a rank that sees the plan finds them."""
-        keys, values, size = [], [], 0
+        group, size = {}, 0
         for k, chunk in enumerate(chunks):
-            keys.append(f"chunk/{k}")
-            values.append(json.dumps(chunk))
-            size += len(values[-1])
+            group[f"chunk/{k}"] = value = json.dumps(chunk)
+            size += len(value)
             if size > STORE_MESSAGE or k == len(chunks) - 1:
-                self.store.multi_set(keys, values)
-                keys, values, size = [], [], 0
+                self.store.multi_set(list(group), list(group.values()))
+                group, size = {}, 0
         self.store.set("plan", json.dumps(plan))
 
     def plan(self) -> dict:
@@ -199,26 +190,20 @@ def run_dist_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *,
     only if there is something to caption). Rank 0 returns the whole job's result, the others their own share. If
     rank 0 refuses the job (a lock, a file that is not ours, another prompt), it raises the reason and the other ranks
     exit with status 1 without a message of their own."""
-    say = log or (lambda message: None)
-    warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
-    ranks = Ranks()
+    job = _Job(Ranks(), model, Path(out), prompt, template, batch_size, generation or {}, model_name,
+               warn or (lambda message: print(message, file=sys.stderr, flush=True)), log or (lambda message: None))
     restore = _exit_on_sigterm()
     try:
-        if ranks.rank != 0:
-            return _follow(ranks, model, out, prompt, template, batch_size, generation or {}, model_name, warn, say)
-        with JobLock(out, say):
-            return _lead(ranks, model, paths, out, prompt, template, batch_size, generation or {}, model_name,
-                         retry_errors, progress, warn, say)
+        if job.ranks.rank != 0:
+            return job.follow()
+        with JobLock(out, job.say):
+            return job.lead(paths, retry_errors, progress)
     except BaseException as e:
-        if ranks.rank == 0 and not _published(ranks):
-            ranks.store.set("plan", json.dumps({"error": str(e)}))  # the others wait for a plan: tell them to stop
+        if job.ranks.rank == 0 and not job.ranks.store.check(["plan"]):
+            job.ranks.store.set("plan", json.dumps({"error": str(e)}))  # the others wait for a plan: tell them to stop
         raise
     finally:
         restore()
-
-
-def _published(ranks: Ranks) -> bool:
-    return ranks.store.check(["plan"])
 
 
 def _exit_on_sigterm() -> Callable[[], None]:
@@ -234,111 +219,114 @@ def _exit_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _lead(ranks, model, paths, out, prompt, template, batch_size, generation, model_name, retry_errors, progress,
-          warn, say) -> CaptionResult:
-    """Rank 0: plan, caption its share, wait for the others, merge."""
-    images = find_images(paths, warn=warn)
-    if not images:
-        raise ValueError(f"no image files found in {', '.join(map(str, paths))}: looked for "
-                         f"{' '.join(IMAGE_EXTENSIONS)}")
-    folder = parts_folder(out)
-    with CaptionFile(out) as file:  # refuses a file that is not ours; kept open (and flock'ed) until the merge
-        parts = _read_parts(folder)
-        for f in (file, *parts):
-            f.check_same("model", model_name, "--model")
-            if prompt is not None:
-                f.check_same("prompt", prompt, "--prompt")
-        records = [r for f in (file, *parts) for r in f.records]
-        done = {r["image"] for r in records if "caption" in r or not retry_errors}
-        todo = [path for path in images if path not in done]
-        job = CaptionResult(len(images), skipped=len(images) - len(todo))
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        plan = {"chunks": len(chunks), "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                "prompt": next((r.get("prompt") for r in records if "caption" in r), None)}
-        if todo:
-            folder.mkdir(exist_ok=True)
-            say(f"{len(todo)} images to caption over {ranks.world} process(es)"
-                + (f" ({job.skipped} already done)" if job.skipped else ""))
-        ranks.publish(plan, chunks)
-        if todo:
-            model, prompt, template = _ready(model, plan, out, prompt, template)
-            with _JobBar(ranks, len(todo), progress) as bar:
-                mine = _caption_share(ranks, model, plan, out, prompt, template, batch_size, generation, model_name,
-                                      bar, warn)
-                while ranks.add("finished") < ranks.world:  # the others' last batches; the bar goes on meanwhile
-                    time.sleep(0.5)
+@dataclass
+class _Job:
+    ranks: Ranks
+    model: object  # or its loader, until `ready`
+    out: Path
+    prompt: str | None
+    template: str | None
+    batch_size: int
+    generation: dict
+    model_name: str
+    warn: Callable[[str], None]
+    say: Callable[[str], None]
+
+    def lead(self, paths, retry_errors: bool, progress: bool) -> CaptionResult:
+        """Rank 0: plan, caption its share, wait for the others, merge."""
+        images = find_images(paths, warn=self.warn)
+        if not images:
+            raise ValueError(f"no image files found in {', '.join(map(str, paths))}: looked for "
+                             f"{' '.join(IMAGE_EXTENSIONS)}")
+        ranks, folder = self.ranks, parts_folder(self.out)
+        with CaptionFile(self.out) as file:  # refuses a file that is not ours; kept open (and flock'ed) until merged
+            parts = _read_parts(folder)
+            for f in (file, *parts):
+                f.check_same("model", self.model_name, "--model")
+                if self.prompt is not None:
+                    f.check_same("prompt", self.prompt, "--prompt")
+            records = [r for f in (file, *parts) for r in f.records]
+            done = {r["image"] for r in records if "caption" in r or not retry_errors}
+            todo = [path for path in images if path not in done]
+            result = CaptionResult(len(images), skipped=len(images) - len(todo))
+            chunks = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+            plan = {"chunks": len(chunks), "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                    "prompt": next((r.get("prompt") for r in records if "caption" in r), None)}
+            if todo:
+                folder.mkdir(exist_ok=True)
+                self.say(f"{len(todo)} images to caption over {ranks.world} process(es)"
+                         + (f" ({result.skipped} already done)" if result.skipped else ""))
+            ranks.publish(plan, chunks)
+            if todo:
+                self.ready(plan)
+                with _JobBar(ranks, len(todo), progress) as bar:
+                    self.share(plan, bar)
+                    while ranks.add("finished") < ranks.world:  # the others' last batches; the bar goes on
+                        time.sleep(0.5)
+                        bar.refresh()
                     bar.refresh()
-                bar.refresh()
-            job.seconds, job.first_batch_seconds = bar.job.seconds, bar.job.first_batch_seconds
-            job.steady_images_per_s = bar.job.steady_images_per_s
-            job.errors = ranks.add("errors")
-            job.captioned = ranks.add("done") - job.errors
-            say(f"rank 0: {summary(mine, 'its part')}")
-            say("images per rank: " + ", ".join(f"{r}: {ranks.add(f'rank/{r}')}" for r in range(ranks.world)))
-        elif not parts:
-            say(f"all {len(images)} images already have a record in {out}")
-            return job
-        parts = _read_parts(folder)  # now with this run's
-        missing = _merge(file, parts, images, folder)
-    _remove_parts(folder, parts)
-    if missing:
-        raise OSError(f"{len(missing)} images have no record in {out} (the first: {missing[0]}); run again to caption "
-                      "them")
-    say(f"merged {len(parts)} part(s): {summary(job, out)}")
-    return job
+                result.seconds, result.first_batch_seconds = bar.job.seconds, bar.job.first_batch_seconds
+                result.steady_images_per_s, result.errors = bar.job.steady_images_per_s, ranks.add("errors")
+                result.captioned = ranks.add("done") - result.errors
+                self.say("images per rank: " + ", ".join(f"{r}: {ranks.add(f'rank/{r}')}" for r in range(ranks.world)))
+            elif not parts:
+                self.say(f"all {len(images)} images already have a record in {self.out}")
+                return result
+            parts = _read_parts(folder)  # now with this run's
+            missing = _merge(file, parts, images, folder)
+        for part in parts:
+            part.path.unlink(missing_ok=True)
+        with suppress(OSError):  # not empty: what is not ours stays
+            folder.rmdir()
+        if missing:
+            raise OSError(f"{len(missing)} images have no record in {self.out} (the first: {missing[0]}); run again "
+                          "to caption them")
+        self.say(f"merged {len(parts)} part(s): {summary(result, self.out)}")
+        return result
+
+    def follow(self) -> CaptionResult:
+        """Any rank but 0: wait for the plan, caption chunks while there are any."""
+        plan = self.ranks.plan()
+        if "error" in plan:
+            raise SystemExit(1)  # rank 0 says why
+        if not plan["chunks"]:
+            return CaptionResult(0)
+        self.ready(plan)
+        with _JobBar(self.ranks, 0, False) as bar:
+            return self.share(plan, bar)
+
+    def ready(self, plan: dict) -> None:
+        """The model loaded, the template and prompt known (the default prompt only now, as in run_caption_job)."""
+        if not hasattr(self.model, "chat_batch"):
+            self.model = self.model()
+        self.template = self.template or self.model.cfg.template_version
+        self.prompt = self.prompt if self.prompt is not None else default_prompt(self.template)
+        if plan["prompt"] not in (None, self.prompt):
+            raise ValueError(f"{self.out} holds captions made with --prompt {plan['prompt']!r}, not {self.prompt!r}: "
+                             f"give --prompt {plan['prompt']!r} to continue that file, or another --out for the new "
+                             "--prompt")
+
+    def share(self, plan: dict, bar: _JobBar) -> CaptionResult:
+        """Caption the chunks this rank claims into its own part; tell the others when done."""
+        mine = CaptionResult(0)
+        with CaptionFile(parts_folder(self.out) / f"part-{plan['run']}-{self.ranks.rank:05d}.jsonl") as part:
+            caption_batches(self.model, self.ranks.claimed(plan["chunks"]), part, self.prompt, self.template,
+                            self.batch_size, self.generation, self.model_name, mine, bar, self.warn)
+        mine.images = mine.captioned + mine.errors
+        self.ranks.add("finished", 1)
+        self.say(f"rank {self.ranks.rank}: {summary(mine, 'its part')}")
+        return mine
 
 
-def _follow(ranks, model, out, prompt, template, batch_size, generation, model_name, warn, say) -> CaptionResult:
-    """Any rank but 0: wait for the plan, caption chunks while there are any."""
-    plan = ranks.plan()
-    if "error" in plan:
-        raise SystemExit(1)  # rank 0 says why
-    if not plan["chunks"]:
-        return CaptionResult(0)
-    model, prompt, template = _ready(model, plan, out, prompt, template)
-    with _JobBar(ranks, 0, False) as bar:
-        mine = _caption_share(ranks, model, plan, out, prompt, template, batch_size, generation, model_name, bar,
-                              warn)
-    say(f"rank {ranks.rank}: {summary(mine, 'its part')}")
-    return mine
-
-
-def _caption_share(ranks, model, plan, out, prompt, template, batch_size, generation, model_name, bar,
-                   warn) -> CaptionResult:
-    """Caption the chunks this rank claims into its own part; tell the others when done."""
-    result = CaptionResult(0)
-    with CaptionFile(parts_folder(out) / f"part-{plan['run']}-{ranks.rank:05d}.jsonl") as part:
-        caption_batches(model, ranks.claimed(plan["chunks"]), part, prompt, template, batch_size, generation,
-                        model_name, result, bar, warn)
-    result.images = result.captioned + result.errors
-    ranks.add("finished", 1)
-    return result
-
-
-def _ready(model, plan, out, prompt, template):
-    """The model loaded, the template and the prompt; the default prompt is only known now, as in run_caption_job."""
-    if not hasattr(model, "chat_batch"):
-        model = model()
-    template = template or model.cfg.template_version
-    prompt = prompt if prompt is not None else default_prompt(template)
-    if plan["prompt"] not in (None, prompt):
-        raise ValueError(f"{out} holds captions made with --prompt {plan['prompt']!r}, not {prompt!r}: give --prompt "
-                         f"{plan['prompt']!r} to continue that file, or another --out for the new --prompt")
-    return model, prompt, template
-
-
-class _JobBar:
+class _JobBar(ProgressBar):
     """What `caption_batches` reports after each batch, for the whole job: each rank adds its counts to the store;
     rank 0 shows the totals on its one bar, with images/s after its first batch and the ETA."""
 
     def __init__(self, ranks: Ranks, total: int, enabled: bool):
-        self.ranks = ranks
-        self.bar = ProgressBar(total, enabled) if ranks.rank == 0 else None
-        self.job = CaptionResult(total)  # whole-job numbers, as the bar shows them
-        self.start = time.monotonic()
-        self.first_done = 0
-        self.sent = 0  # of this rank's finished images, already counted in the store
-        self.sent_errors = 0
+        super().__init__(total, enabled and ranks.rank == 0)
+        self.ranks, self.job = ranks, CaptionResult(total)  # whole-job numbers, as the bar shows them
+        self.start, self.first_done = time.monotonic(), 0
+        self.sent = self.sent_errors = 0  # this rank's finished images and errors already counted in the store
         self.kill_at = int(os.environ.get(KILL_ENV) or 0)
 
     def show(self, finished: int, result: CaptionResult) -> None:
@@ -352,7 +340,7 @@ class _JobBar:
         self.refresh()
 
     def refresh(self) -> None:
-        if self.bar is None:
+        if self.ranks.rank != 0:
             return
         job, done = self.job, self.ranks.add("done")
         job.errors = self.ranks.add("errors")
@@ -361,20 +349,7 @@ class _JobBar:
             job.first_batch_seconds, self.first_done = job.seconds, done
         elif done > self.first_done:
             job.steady_images_per_s = (done - self.first_done) / (job.seconds - job.first_batch_seconds)
-        self.bar.show(done, job)
-
-    def message(self, warn: Callable[[str], None], text: str) -> None:
-        if self.bar is not None:
-            self.bar.message(warn, text)
-        else:
-            warn(text)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        super().show(done, job)
 
 
 def _read_parts(folder: Path) -> list[CaptionFile]:
@@ -412,18 +387,14 @@ def _merge(file: CaptionFile, parts: list[CaptionFile], images: list[str], folde
         os.replace(tmp, file.path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(file.path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
+    _fsync_folder(file.path.parent)  # the rename itself survives a crash
     return [image for image in images if image not in best]
 
 
-def _remove_parts(folder: Path, parts: list[CaptionFile]) -> None:
-    for part in parts:
-        part.path.unlink(missing_ok=True)
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        folder.rmdir()
-    except OSError:  # not empty: something that is not ours, left as it is
-        pass
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

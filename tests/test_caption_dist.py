@@ -180,5 +180,5 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
         torchrun_device(args)
         assert args.device == given.get("device")
     monkeypatch.setenv("LOCAL_RANK", "4")
-    with pytest.raises(ValueError, match="LOCAL_RANK 4, but only 4 GPUs are visible: give --nproc-per-node 4"):
+    with pytest.raises(ValueError, match="LOCAL_RANK 4, but only 4 GPUs are visible: give --nproc-per-node 4 or less"):
         torchrun_device(Namespace(device=None, device_map=None, max_memory=None))
