@@ -174,6 +174,11 @@ def session_for(model: CogVLM, batch_size: int, max_len: int, cuda_graph: bool |
     return session
 
 
+def release_session(model: CogVLM) -> None:
+    """Free the session kept on `model` (its KV caches and graph), e.g. between evaluations during training."""
+    model.__dict__.pop(KEPT_SESSION, None)
+
+
 KEPT_SESSION = "_decode_session"  # where the model keeps its session (a plain attribute, not a submodule)
 SESSION_LENGTH_STEP = 256
 

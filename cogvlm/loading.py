@@ -7,11 +7,13 @@ is read onto its target device (a GPU directly, where asked) and cast there.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import CONFIG_FILE, CogVLMConfig
 from .convert import TOKENIZER_FILE
@@ -49,7 +51,7 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) or default_dtype(device)
     cfg = CogVLMConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    with torch.device("meta"):
+    with meta_device():
         model = model_class(cfg, dtype=dtype)
         if prepare is not None:
             prepare(model)
@@ -87,6 +89,25 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     if blocks is not None:
         apply_device_map(model, blocks)  # hooks that move activations to each block's device
     return model.eval()
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips `torch.nn.init` functions on meta tensors. Their values are never read, and a random fill of a meta
+    tensor runs a Python decomposition that imports torch._dynamo: 2-3 s of a small model's start-up."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device():
+    """`with torch.device("meta")` for building a model whose tensors are filled in afterwards, without its init."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -67,6 +67,7 @@ def generate_answers(
         out = decoding.generate(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], pixels,
                                 max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, cache_dtype=autocast_dtype,
                                 cuda_graph=False)
+    decoding.release_session(model)  # training steps follow: do not keep the evaluation's KV caches allocated
     answers = []
     for ids in out:
         ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
