@@ -1,6 +1,6 @@
-"""Captioning JPEG files through the torchrun job, against the in-process figure for pre-decoded tensors (issues 15, 19).
+"""Captioning JPEG files through the torchrun job, against the in-process figure on pre-decoded tensors (issues 15, 19).
 
-    python bench/caption_dist_bench.py images DIR [--n 512] [--size 1024x768]     # photo-like JPEG files (quality 90)
+    python bench/caption_dist_bench.py images DIR [--n 512] [--size 1024x768]     # JPEG files, as bench/bench.py
     python bench/caption_dist_bench.py reference DIR [--batch 32] [--new-tokens 64] [--json ref.json]
     torchrun --standalone --nproc-per-node G bench/caption_dist_bench.py job DIR --out OUT.jsonl [--json job.json]
     python bench/caption_dist_bench.py all DIR [--n 512] [--gpus 1] [--json all.json]          # issue 15, one command
@@ -15,8 +15,10 @@ the job on each number of GPUs (each rank on its own GPU), checks one line per i
 largest job again with the rank that writes the middle batch SIGKILLed right after it, reruns it with one GPU fewer,
 and checks that there is still exactly one line per image.
 
-The model: full-size random bf16 weights (`bench.random_weights`, `--preset`) with the real tokenizer of
-examples/tiny-shapes, or `--model PATH` (e.g. `--model examples/tiny-shapes --device cpu`: a minute-long smoke test).
+The model: random weights (`bench.random_weights`; bf16 on GPUs, fp32 on the CPU) of `--preset` (a preset name or a
+checkpoint folder's config) with the real tokenizer of examples/tiny-shapes. A CPU smoke run of everything:
+`python bench/caption_dist_bench.py all /tmp/jpegs --n 24 --gpus 1 2 --kill --batch 4 --new-tokens 8 --device cpu
+--preset examples/tiny-shapes`.
 """
 from __future__ import annotations
 
@@ -28,56 +30,36 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.bench import TOKENIZER, write_jpegs  # noqa: E402
+from bench.random_weights import random_model  # noqa: E402
 from cogvlm.caption import find_images  # noqa: E402
 from cogvlm.caption_dist import KILL_ENV, run_dist_caption_job  # noqa: E402
 from cogvlm.chat import build_batch, stream_rows  # noqa: E402
+from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.image import load_image  # noqa: E402
+from cogvlm.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Describe this image."
-TOKENIZER = ROOT / "examples" / "tiny-shapes" / "tokenizer.model"
 
 
-def make_images(folder: Path, n: int, size: str, seed: int = 0) -> None:
-    """Smooth colour fields with flat rectangles and mild noise: JPEG files of a photo's size and decoding cost."""
-    width, height = map(int, size.split("x"))
+def make_images(folder: Path, n: int, size: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    for i in range(n):
-        a = rng.uniform(-1, 1, (3, 3)).astype(np.float32)
-        img = 128 + 60 * (a[:, 0, None, None] * xx / width + a[:, 1, None, None] * yy / height
-                          + a[:, 2, None, None] * xx * yy / (width * height))
-        for _ in range(4):
-            x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
-            w, h = rng.integers(width // 10, width // 3), rng.integers(height // 10, height // 3)
-            img[:, y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, (3, 1, 1))
-        img += rng.normal(0, 6, img.shape)
-        pixels = np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+    write_jpegs(folder, n, tuple(int(x) for x in size.split("x")))
 
 
 def load(args):
-    """This rank's model: on cuda:LOCAL_RANK (or --device), random full-size weights unless --model is given."""
+    """This rank's model, on cuda:LOCAL_RANK (or --device): random weights of --preset, the real tokenizer."""
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    if args.model:
-        from cogvlm import CogVLM
-
-        return CogVLM.from_pretrained(args.model, device=device, dtype=args.dtype)
-    from bench.random_weights import random_model
-    from cogvlm.config import CogVLMConfig
-    from cogvlm.tokenizer import Tokenizer
-
-    model = random_model(CogVLMConfig.from_name(args.preset), device=device)
-    model.tokenizer = Tokenizer(str(TOKENIZER))
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(CogVLMConfig.load(args.preset), device=device, dtype=dtype)
+    model.tokenizer = Tokenizer(TOKENIZER)
     return model
 
 
@@ -131,7 +113,7 @@ def torchrun(args, gpus: int, out: Path, env: dict | None = None) -> tuple[int, 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                str(Path(__file__).resolve()), "job", str(args.dir), "--out", str(out), "--json", str(figures),
                "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--preset", args.preset]
-    command += [f"--{k}={v}" for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v]
+    command += [f"--device={args.device}"] if args.device else []
     print("$", " ".join(command), file=sys.stderr, flush=True)
     status = subprocess.run(command, env={**os.environ, **(env or {})}).returncode
     return status, json.loads(figures.read_text()) if figures.exists() else None
@@ -175,10 +157,8 @@ def main() -> None:
     ap.add_argument("--kill", action="store_true", help="`all`: also kill a rank mid-run and rerun")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--preset", default="cogvlm-chat-hf")
-    ap.add_argument("--model", help="a checkpoint instead of random weights (e.g. examples/tiny-shapes)")
+    ap.add_argument("--preset", default="cogvlm-chat-hf", help="preset name or checkpoint folder (its config)")
     ap.add_argument("--device", help="default: cuda:LOCAL_RANK, else cpu")
-    ap.add_argument("--dtype", help="with --model (default: the loader's)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     if args.what == "images":
