@@ -289,7 +289,7 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
         nonlocal first_done
         readable = [(path, image) for path, image, error in batch if error is None]
         captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
-                                         template=template, batch_size=len(readable), **generation)
+                                         template=template, batch_size=None, **generation)
                         if readable else [])
         file.append([{"image": path, "error": error} if error is not None else
                      {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}

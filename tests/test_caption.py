@@ -78,7 +78,7 @@ def test_job_decodes_each_image_once_and_hands_pil_images_to_chat_batch_one_batc
     result = run(lambda: Watched(), root, out, batch_size=2)
     paths = sorted(str(p) for p in root.iterdir())
     assert sorted(decoded) == paths  # once each, from the file
-    assert [len(types) for types, _ in calls] == [2, 2, 1] and all(n == len(t) for t, n in calls)
+    assert [len(types) for types, _ in calls] == [2, 2, 1] and all(n is None for _, n in calls)  # one batch each
     assert all(t is Image.Image or issubclass(t, Image.Image) for types, _ in calls for t in types)
     assert records(out) == [expected(model, p) for p in paths]
     assert (result.captioned, result.errors, result.skipped, result.images) == (5, 0, 0, 5)

@@ -324,15 +324,15 @@ def test_version_is_the_package_version(env):
 def test_choices_written_in_the_cli_are_the_real_ones():
     """The CLI spells its choices out (so that --help needs no torch); they must be the library's."""
     from cogvlm.cli import finetune as cli_finetune, options, plan as cli_plan
-    from cogvlm.device_map import STRATEGIES
+    from cogvlm.parallel.device_map import STRATEGIES
     from cogvlm.finetune import PRESETS
     from cogvlm.prompt import TEMPLATES
     from cogvlm.shards import DTYPES
 
-    assert options.DTYPE_CHOICES == tuple(DTYPES)
-    assert sorted(options.TEMPLATE_CHOICES) == sorted(TEMPLATES)
+    assert options.DTYPE_CHOICES == cli_finetune.DTYPES == tuple(DTYPES)
+    assert sorted(options.TEMPLATE_CHOICES) == sorted(cli_finetune.TEMPLATES) == sorted(TEMPLATES)
     assert cli_plan.STRATEGY_CHOICES == tuple(STRATEGIES)
-    assert cli_finetune.PRESET_CHOICES == tuple(PRESETS)
+    assert cli_finetune.PRESETS == tuple(PRESETS)
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "caption"])
