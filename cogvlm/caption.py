@@ -18,9 +18,9 @@ The JSONL file is the job's only state, so a run can be killed at any moment and
   they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
 - An exclusive lock on the file stops two runs from writing the same file at once.
 
-Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB), in a worker thread a
-batch ahead of the model, and the decoded images go to `model.chat_batch` one batch at a time. A corrupt file becomes
-an error record instead of failing a whole batch.
+Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the model's
+input, in a worker thread a batch ahead of the model, and the images go to `model.chat_batch` one batch at a time. A
+corrupt file becomes an error record instead of failing a whole batch.
 """
 from __future__ import annotations
 
@@ -30,14 +30,17 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
 
+from PIL import Image
+
 from .image import ImageError, load_image
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
-           "run_caption_job", "speed"]
+           "run_caption_job", "caption_batches", "ProgressBar", "speed"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -267,14 +270,17 @@ def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prom
         template = template or model.cfg.template_version
         prompt = prompt if prompt is not None else default_prompt(template)
         file.check_same("prompt", prompt, "--prompt")
-        with _Bar(len(todo), progress) as bar:
-            _caption(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result, bar,
-                     warn)
+        with ProgressBar(len(todo), progress) as bar:
+            caption_batches(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result,
+                            bar, warn)
         say(summary(result, out))
         return result
 
 
-def _caption(model, todo, file, prompt, template, batch_size, generation, model_name, result, bar, warn) -> None:
+def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_size, generation, model_name, result,
+                    bar, warn) -> None:
+    """The batch loop, also of each torchrun rank (caption_dist.py): `todo` (read lazily) decoded a batch ahead, one
+    `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
     batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
@@ -299,7 +305,7 @@ def _caption(model, todo, file, prompt, template, batch_size, generation, model_
             result.steady_images_per_s = (finished - first_done) / (result.seconds - result.first_batch_seconds)
         bar.show(finished, result)
 
-    for path, image, error in _prefetch(_decode, todo, ahead=batch_size):
+    for path, image, error in _prefetch(partial(_decode, size=model.cfg.vision.image_size), todo, ahead=batch_size):
         if error is not None:  # every way a file can be broken is an ImageError; never fatal to the run
             result.errors += 1
             bar.message(warn, f"skipped: {error}")
@@ -310,9 +316,9 @@ def _caption(model, todo, file, prompt, template, batch_size, generation, model_
         run_batch()
 
 
-def _decode(path: str) -> tuple[str, object, str | None]:
-    try:
-        return path, load_image(path), None
+def _decode(path: str, size: int) -> tuple[str, object, str | None]:
+    try:  # resized as `preprocess` resizes (it then has nothing left to do), off the model's thread: for a photo
+        return path, load_image(path).resize((size, size), Image.BICUBIC), None  # that costs as much as decoding
     except ImageError as e:
         return path, None, str(e)
 
@@ -347,7 +353,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class _Bar:
+class ProgressBar:
     """The progress bar on stderr (tqdm): redrawn in place on a terminal; into a file or pipe, a plain line every 30
     seconds instead, so logs stay readable. Its rate leaves the first batch out (warm-up, compilation)."""
 
