@@ -16,7 +16,7 @@ The JSONL file is the job's only state, so a run can be killed at any moment and
 - A rerun skips every image that already has a record; it must ask the same prompt of the same model (otherwise the
   file would mix two jobs), else it is refused with the way out. Error records are final unless `retry_errors`: then
   they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
-- An exclusive lock on the file stops two runs from writing the same file at once.
+- Locks stop two runs from writing one file at once: `OUT.lock` (see `cogvlm.caption_dist`) and a flock on the file.
 
 Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the model's
 input, in a worker thread a batch ahead of the model, and the images go to `model.chat_batch` one batch at a time. A
@@ -116,13 +116,13 @@ class CaptionFile:
         self.fd = os.open(self.path, flags, 0o644)
         try:
             import fcntl
-        except ImportError:  # not POSIX (Windows): no lock, one run at a time is then up to the user
-            return
-        try:
+
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
             raise OSError(f"{self.path} is being written by another `cogvlm caption` run") from None
+        except (ImportError, OSError):  # no flock here (Windows, NFS without lockd, Lustre): OUT.lock still holds
+            pass
 
     def _read(self) -> list[tuple[bytes, dict]]:
         """Every record of the file, which is only read here: anything that is not ours is refused unchanged."""
