@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cogvlm.config import CogVLMConfig
-from cogvlm.loading import set_tensor
+from cogvlm.loading import meta_device, set_tensor
 from cogvlm import CogVLM
 
 
@@ -30,7 +30,7 @@ def random_model(cfg: CogVLMConfig, device="cuda", dtype=torch.bfloat16, seed: i
 
     `place(name) -> device`, if given, moves each parameter to its own device after drawing it on `device`, so a
     split model holds exactly the weights of the single-device one made with the same seed."""
-    with torch.device("meta"):
+    with meta_device():
         model = CogVLM(cfg, dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in list(model.named_parameters()):

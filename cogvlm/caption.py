@@ -1,36 +1,50 @@
-"""Captioning whole folders: the job behind `cogvlm caption PATHS --out captions.jsonl`.
+"""Captioning many images into a JSONL file: `run_caption_job`, the one captioning path of `cogvlm caption`, of
+`bench/bench.py` and of anything that captions at scale.
 
 The JSONL file is the job's only state, so a run can be killed at any moment and started again:
 
 - One line per image: `{"image": path, "caption": ..., "prompt": ..., "model": ...}`, or `{"image": path, "error": ...}`
   for a file that cannot be read. `image` is the path as found (normalised), which is also the key a rerun skips by.
+  A path that is not valid UTF-8 (a file name in another encoding) is written with JSON escapes `\\udcXX` for its odd
+  bytes, which Python's json reads back as the same path (os functions take it, as `surrogateescape`).
 - Each line goes to the file in a single `write()` of the whole line (O_APPEND), and the file is fsync'ed after every
-  batch: a kill loses at most the batch in flight and never leaves half a line behind. If a line is cut anyway (power
-  loss, a full disk), the next run truncates that unfinished tail before appending.
-- A rerun skips every image that already has a record. Error records are final unless `retry_errors`: then they are
-  removed (the file is rewritten atomically) and those images are tried again, so each image keeps exactly one line.
-- An exclusive lock on the file stops two runs from writing the same file at once.
+  batch: a kill loses at most the batch in flight and never leaves half a line behind. A write that fails (a full
+  disk, an I/O error) is cut back to the last whole line and ends the run; everything written before stays.
+- The file is never changed unless it is ours: one that does not end with a line break, or holds a line that is not a
+  caption record, is refused before anything is written. It is created only when the first record is written, so a
+  run that fails earlier (say, while loading the model) leaves no empty file behind.
+- A rerun skips every image that already has a record; it must ask the same prompt of the same model (otherwise the
+  file would mix two jobs), else it is refused with the way out. Error records are final unless `retry_errors`: then
+  they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
+- Locks stop two runs from writing one file at once: `OUT.lock` (see `cogvlm.caption_dist`) and a flock on the file.
 
-Images are opened and decoded once, in the loader (`cogvlm.image.load_image`), before they go into a batch: a corrupt
-file becomes an error record instead of failing a whole batch, and the decoded PIL image is what `chat_batch` gets.
+Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the model's
+input, in a worker thread a batch ahead of the model, and the images go to `model.chat_batch` one batch at a time. A
+corrupt file becomes an error record instead of failing a whole batch.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from time import monotonic
+from typing import Callable, Iterable, Iterator
+
+from PIL import Image
 
 from .image import ImageError, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "Progress",
-           "caption_images", "speed"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
+           "run_caption_job", "caption_batches", "ProgressBar", "speed"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-# The question asked when --prompt is not given, per template. chat and vqa wrap it as "Question: ... Answer:";
+# The question asked when no prompt is given, per template. chat and vqa wrap it as "Question: ... Answer:";
 # "Describe this image." is the query of the model card's example. The base template sends the prompt as it is and
 # the model continues it, so there it is the start of a caption (the record keeps the prompt, to join them).
 DEFAULT_PROMPTS = {"chat": "Describe this image.", "vqa": "Describe this image.", "base": "A picture of"}
@@ -40,7 +54,11 @@ def default_prompt(template: str) -> str:
     return DEFAULT_PROMPTS[template]
 
 
-def find_images(paths: Iterable[str], warn: Callable[[str], None] = print) -> list[str]:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_images(paths: Iterable[str], warn: Callable[[str], None] = _stderr) -> list[str]:
     """Image files under `paths`, in a fixed order: each folder's files (by extension, case-insensitive, recursively)
     sorted by path, the arguments in the order given, each file once. A file named explicitly is taken whatever its
     extension (if it is no image, it gets an error record). A path that does not exist is an error."""
@@ -61,60 +79,84 @@ def find_images(paths: Iterable[str], warn: Callable[[str], None] = print) -> li
     return list(found)
 
 
+def _line(record: dict) -> bytes:
+    """One record as one line. ensure_ascii=False keeps captions readable; a path with bytes that are not UTF-8
+    (lone surrogates) cannot be UTF-8 encoded, so that record is written all-ASCII, with escapes, instead. json
+    escapes newlines, so a record is always one line."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
 class CaptionFile:
-    """The output JSONL, opened for appending and locked; `records` holds what earlier runs wrote."""
+    """The output JSONL: `records` holds what earlier runs wrote; `append` adds a batch of records."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.fd = -1
-        self.dropped_tail = 0  # bytes of an unfinished last line removed on opening
-        self._open()
-        self.lines = self._read()  # (raw line, record) of every complete line
+        self.lines: list[tuple[bytes, dict]] = []  # (raw line, record) of every line
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the folder of --out {self.path} does not exist: {folder}")
+        if self.path.exists():
+            if not self.path.is_file():
+                raise ValueError(f"--out {self.path} is not a regular file; give a path for a .jsonl file")
+            self._open(os.O_RDWR | os.O_APPEND)
+            self.lines = self._read()
+        elif not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot create --out {self.path}: the folder {folder} is not writable")
 
     @property
     def records(self) -> list[dict]:
         return [record for _, record in self.lines]
 
-    def _open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
-            raise FileNotFoundError(f"the folder of --out does not exist: {self.path.parent}")
+    def _open(self, flags: int) -> None:
         # O_APPEND: every write() lands at the end of the file, whole.
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(self.path, flags, 0o644)
         try:
             import fcntl
-        except ImportError:  # not POSIX (Windows): no lock, one run at a time is then up to the user
-            return
-        try:
+
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
             raise OSError(f"{self.path} is being written by another `cogvlm caption` run") from None
+        except (ImportError, OSError):  # no flock here (Windows, NFS without lockd, Lustre): OUT.lock still holds
+            pass
 
     def _read(self) -> list[tuple[bytes, dict]]:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            # An unfinished last line: cut it away so that the next line starts on a line of its own.
-            os.ftruncate(self.fd, end)
-            os.fsync(self.fd)
-            self.dropped_tail = len(data) - end
+        """Every record of the file, which is only read here: anything that is not ours is refused unchanged."""
+        data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        if data and not data.endswith(b"\n"):
+            raise ValueError(
+                f"{self.path} does not end with a line break: its last line is unfinished (a run cut short by a "
+                "crash or a full disk?) or it is not a caption file; nothing was changed. Remove or finish that "
+                "last line, or give another --out")
         lines = []
-        for number, raw in enumerate(data[:end].splitlines(keepends=True), 1):
+        for number, raw in enumerate(data.splitlines(keepends=True), 1):
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
-            except ValueError:
+            except ValueError:  # not JSON, or not UTF-8
                 record = None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise ValueError(f"{self.path}, line {number}: not a caption record (a JSON object with an "
-                                 "\"image\"); is --out the right file?")
+            if not (isinstance(record, dict) and isinstance(record.get("image"), str)
+                    and ("caption" in record or "error" in record)):
+                raise ValueError(f"{self.path}, line {number}: not a caption record (a JSON object with \"image\" "
+                                 "and \"caption\" or \"error\"); nothing was changed. Is --out the right file?")
             lines.append((raw, record))
         return lines
 
-    def done(self, retry_errors: bool = False) -> set[str]:
-        """Images that already have a record (error records count unless they are to be retried)."""
-        return {r["image"] for r in self.records if not (retry_errors and "error" in r)}
+    def done(self) -> set[str]:
+        """Images that already have a record."""
+        return {r["image"] for r in self.records}
+
+    def check_same(self, key: str, value: str, option: str) -> None:
+        """Refuse to add captions whose `key` (prompt, model) differs from those already in the file."""
+        old = next((r.get(key) for r in self.records if "caption" in r and r.get(key) != value), value)
+        if old != value:
+            raise ValueError(f"{self.path} holds captions made with {option} {old!r}, not {value!r}: give {option} "
+                             f"{old!r} to continue that file, or another --out for the new {option}")
 
     def drop_errors(self, images: set[str]) -> int:
         """Remove the error records of `images` (to caption them again). The file is rewritten to a temporary file
@@ -124,25 +166,49 @@ class CaptionFile:
         if not dropped:
             return 0
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.writelines(raw for raw, _ in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.writelines(raw for raw, _ in keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.close()
-        self._open()  # the lock belonged to the old file
+        self._open(os.O_RDWR | os.O_APPEND)  # the lock belonged to the old file
         self.lines = keep
         return dropped
 
     def append(self, records: list[dict]) -> None:
-        """Write `records`, one write() per line, then fsync: after this returns they survive a kill or a crash."""
+        """Write `records`, one write() per line, then fsync: after this returns they survive a kill or a crash.
+        A failing write is cut back to the last whole line, and raised as an OSError that says what is kept."""
+        if self.fd < 0:
+            try:  # created now, at the first record; O_EXCL: a run that started meanwhile must not be overwritten
+                self._open(os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                raise OSError(f"{self.path} was created by someone else while this run started; run again") from None
         for record in records:
-            # ensure_ascii=False keeps captions readable; json escapes newlines, so a record is always one line.
-            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-            written = os.write(self.fd, line)
-            if written != len(line):  # regular files only write short when the disk is full
-                raise OSError(f"could not write to {self.path} (disk full?)")
-        os.fsync(self.fd)
+            line = _line(record)
+            size = os.fstat(self.fd).st_size
+            try:
+                if os.write(self.fd, line) != len(line):  # regular files only write short when the disk is full
+                    raise OSError(28, "No space left on device (short write)")
+            except OSError as e:
+                self._cut(size)
+                raise OSError(f"cannot write to {self.path}: {e.strerror or e}; the {len(self.lines)} records "
+                              "written before are kept, rerun to go on") from None
+            self.lines.append((line, record))
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise OSError(f"cannot write to {self.path}: {e.strerror or e}; rerun to go on") from None
+
+    def _cut(self, size: int) -> None:
+        """Remove what a failed write left after the last whole line (our own bytes)."""
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            pass  # the next run refuses the unfinished line and says so
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -156,64 +222,118 @@ class CaptionFile:
         self.close()
 
 
-class Progress:
-    """A one-line progress bar on stderr: count, bar, images/s, ETA and errors.
+@dataclass
+class CaptionResult:
+    images: int  # found under the paths
+    captioned: int = 0
+    errors: int = 0  # unreadable images (error records written)
+    skipped: int = 0  # already in the file
+    seconds: float = 0.0  # from the first image decoded to the last record written (the model loaded before)
+    first_batch_seconds: float | None = None  # warm-up included: allocations, compilation, graph capture
+    steady_images_per_s: float | None = None  # images per second after the first batch (None: one batch only)
 
-    On a terminal it is redrawn in place (carriage return) at most 10 times a second; into a file or pipe it writes a
-    plain line every 30 seconds instead, so logs stay readable. `message` prints a line without breaking the bar.
+
+def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
+                    template: str | None = None, batch_size: int = 8, generation: dict | None = None,
+                    model_name: str, retry_errors: bool = False, progress: bool = True,
+                    log: Callable[[str], None] | None = None, warn: Callable[[str], None] = _stderr) -> CaptionResult:
+    """Caption the images under `paths` into the JSONL file `out` (see the module docstring), resuming it.
+
+    `model`: a loaded CogVLM, or a function that loads one, called only if there is something to caption (after the
+    file was checked, so a refusal costs no loading time). `prompt`: default per template. `template`: default the
+    model's. `generation`: keywords of `chat_batch` (max_new_tokens, do_sample, ...). `model_name` is what records
+    say in "model". `log` gets progress messages (None: silent), `warn` every unreadable image and folder;
+    `progress` shows a tqdm bar on stderr.
     """
+    images = find_images(paths, warn=warn)
+    if not images:
+        raise ValueError(f"no image files found in {', '.join(map(str, paths))}: looked for "
+                         f"{' '.join(IMAGE_EXTENSIONS)}")
+    say = log or (lambda message: None)
+    with CaptionFile(out) as file:
+        if retry_errors:
+            dropped = file.drop_errors(set(images))
+            if dropped:
+                say(f"trying {dropped} unreadable image(s) again")
+        file.check_same("model", model_name, "--model")
+        if prompt is not None:  # (the default prompt is known once the model's template is)
+            file.check_same("prompt", prompt, "--prompt")
+        done = file.done()
+        todo = [path for path in images if path not in done]
+        result = CaptionResult(len(images), skipped=len(images) - len(todo))
+        if not todo:  # nothing to do: no need to load the model
+            say(f"all {len(images)} images already have a record in {out}")
+            return result
+        say(f"{len(todo)} images to caption" + (f" ({result.skipped} already in {out})" if result.skipped else ""))
+        if not hasattr(model, "chat_batch"):
+            model = model()
+        template = template or model.cfg.template_version
+        prompt = prompt if prompt is not None else default_prompt(template)
+        file.check_same("prompt", prompt, "--prompt")
+        with ProgressBar(len(todo), progress) as bar:
+            caption_batches(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result,
+                            bar, warn)
+        say(summary(result, out))
+        return result
 
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True, label: str = "caption"):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = 0.1 if self.tty else 30.0
-        self.start = self.last = time.monotonic()
-        self.done = self.errors = 0
-        self.shown = False  # a bar is on the current terminal line
-        self.drawn = None  # (done, errors) last drawn, so that close() does not repeat a final line in a log
 
-    def update(self, done: int, errors: int = 0, force: bool = False) -> None:
-        self.done, self.errors = done, errors
-        now = time.monotonic()
-        if self.enabled and (force or now - self.last >= self.interval):
-            self.last = now
-            self._draw(now)
+def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_size, generation, model_name, result,
+                    bar, warn) -> None:
+    """The batch loop, also of each torchrun rank (caption_dist.py): `todo` (read lazily) decoded a batch ahead, one
+    `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
+    start = monotonic()
+    first_done = 0  # images finished by the end of the first batch
+    batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
 
-    def _draw(self, now: float) -> None:
-        self.drawn = (self.done, self.errors)
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
-        width = 24
-        filled = width * self.done // self.total if self.total else width
-        line = (f"{self.label} {self.done}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{speed(rate)}, elapsed {_clock(elapsed)}, ETA {eta}")
-        if self.errors:
-            line += f", {self.errors} unreadable"
-        if self.tty:
-            self.stream.write("\r\033[K" + line)  # \033[K clears what a longer previous line left behind
-            self.shown = True
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    def run_batch() -> None:
+        nonlocal first_done
+        readable = [(path, image) for path, image, error in batch if error is None]
+        captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
+                                         template=template, batch_size=None, **generation)
+                        if readable else [])
+        file.append([{"image": path, "error": error} if error is not None else
+                     {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}
+                     for path, _, error in batch])
+        result.captioned += len(readable)
+        batch.clear()
+        now = monotonic()
+        result.seconds = now - start
+        finished = result.captioned + result.errors
+        if result.first_batch_seconds is None:
+            result.first_batch_seconds, first_done = result.seconds, finished
+        elif finished > first_done:
+            result.steady_images_per_s = (finished - first_done) / (result.seconds - result.first_batch_seconds)
+        bar.show(finished, result)
 
-    def message(self, text: str) -> None:
-        if self.shown:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        if self.shown:
-            self._draw(time.monotonic())
-        self.stream.flush()
+    for path, image, error in _prefetch(partial(_decode, size=model.cfg.vision.image_size), todo, ahead=batch_size):
+        if error is not None:  # every way a file can be broken is an ImageError; never fatal to the run
+            result.errors += 1
+            bar.message(warn, f"skipped: {error}")
+        batch.append((path, image, error))
+        if sum(e is None for _, _, e in batch) == batch_size:
+            run_batch()
+    if batch:
+        run_batch()
 
-    def close(self) -> None:
-        if self.enabled:
-            if self.tty or self.drawn != (self.done, self.errors):
-                self._draw(time.monotonic())
-            if self.tty:
-                self.stream.write("\n")
-            self.stream.flush()
-        self.shown = False
+
+def _decode(path: str, size: int) -> tuple[str, object, str | None]:
+    try:  # resized as `preprocess` resizes (it then has nothing left to do), off the model's thread: for a photo
+        return path, load_image(path).resize((size, size), Image.BICUBIC), None  # that costs as much as decoding
+    except ImageError as e:
+        return path, None, str(e)
+
+
+def _prefetch(fn, items: list, ahead: int) -> Iterator:
+    """fn(item) for each item, in order, computed by two worker threads up to `ahead` items in advance (PIL decodes
+    without holding the GIL, so this overlaps with the model; at most `ahead` decoded images wait in memory)."""
+    with ThreadPoolExecutor(2, thread_name_prefix="cogvlm-decode") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def speed(rate: float) -> str:
@@ -221,44 +341,60 @@ def speed(rate: float) -> str:
     return f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
 
 
+def summary(r: CaptionResult, out) -> str:
+    rate = f"{speed(r.steady_images_per_s)} after the first batch" if r.steady_images_per_s else "one batch"
+    first = f"{r.first_batch_seconds:.1f}" if r.first_batch_seconds is not None else "-"
+    return (f"{r.captioned} captioned, {r.errors} unreadable, {r.skipped} already done in {_clock(r.seconds)}; "
+            f"{rate} (first batch {first} s) -> {out}")
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def caption_images(model, images: list[str], out: CaptionFile, *, prompt: str, template: str | None,
-                   batch_size: int, generation: dict, model_name: str, progress: Progress,
-                   report_error: Callable[[str], None]) -> tuple[int, int]:
-    """Caption `images` into `out`, `batch_size` readable images per `chat_batch` call. Returns (captioned, errors).
+class ProgressBar:
+    """The progress bar on stderr (tqdm): redrawn in place on a terminal; into a file or pipe, a plain line every 30
+    seconds instead, so logs stay readable. Its rate leaves the first batch out (warm-up, compilation)."""
 
-    Unreadable files are reported through `report_error`, recorded with their error, and skipped. Records are written
-    in the order of `images` (errors in their place among the captions), one fsync per batch.
-    """
-    captioned = errors = 0
-    batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
 
-    def run_batch() -> None:
-        nonlocal captioned
-        readable = [(path, image) for path, image, error in batch if error is None]
-        captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
-                                         template=template, batch_size=max(len(readable), 1), **generation)
-                        if readable else [])
-        out.append([{"image": path, "error": error} if error is not None else
-                    {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}
-                    for path, _, error in batch])
-        captioned += len(readable)
-        batch.clear()
-        progress.update(captioned + errors, errors)
+        tty = sys.stderr.isatty()
+        self.tqdm = tqdm
+        self.bar = tqdm(total=total, desc="caption", disable=not enabled, file=sys.stderr if tty else _Lines(),
+                        mininterval=0.1 if tty else 30.0, ascii=None if tty else ".#",
+                        bar_format="{desc} {n_fmt}/{total_fmt} [{bar:24}]{postfix}")
 
-    for path in images:
-        try:
-            batch.append((path, load_image(path), None))
-        except ImageError as e:  # every way a file can be broken is an ImageError; never fatal to the run
-            errors += 1
-            batch.append((path, None, str(e)))
-            report_error(str(e))
-        if sum(error is None for _, _, error in batch) == batch_size:
-            run_batch()
-    if batch:
-        run_batch()
-    return captioned, errors
+    def show(self, finished: int, r: CaptionResult) -> None:
+        if r.steady_images_per_s:
+            eta = _clock((self.bar.total - finished) / r.steady_images_per_s)
+            state = f"{speed(r.steady_images_per_s)}, elapsed {_clock(r.seconds)}, ETA {eta}"
+        else:
+            state = f"first batch {r.first_batch_seconds:.1f} s (warm-up), elapsed {_clock(r.seconds)}, ETA ?"
+        if r.errors:
+            state += f", {r.errors} unreadable"
+        self.bar.set_postfix_str(state, refresh=False)
+        self.bar.update(finished - self.bar.n)
+
+    def message(self, warn: Callable[[str], None], text: str) -> None:
+        with self.tqdm.external_write_mode(file=sys.stderr):  # the bar steps aside for the line, then comes back
+            warn(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+class _Lines:
+    """tqdm's output for a log: each refresh on a line of its own, where a terminal would redraw with \\r."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n").rstrip()
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()

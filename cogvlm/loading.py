@@ -7,11 +7,13 @@ is read onto its target device (a GPU directly, where asked) and cast there.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import CONFIG_FILE, CogVLMConfig
 from .convert import TOKENIZER_FILE
@@ -38,7 +40,7 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
     a new conversion); by default the checkpoint's own. The model gets `model.tokenizer` (None when there is none).
-    `device_map` spreads whole blocks over devices (see `cogvlm.device_map`: a dict, "auto" or "balanced" with
+    `device_map` spreads whole blocks over devices (see `cogvlm.parallel`: a dict, "auto" or "balanced" with
     `max_memory` budgets); it is planned before any weight is read, and each weight goes straight to its block's
     device; `plan_options` (batch_size, context) size the KV cache that "auto"/"balanced" reserve (default batch 1,
     full context). Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
@@ -59,19 +61,25 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     meta = json.loads((path / CONFIG_FILE).read_text())
     cfg = CogVLMConfig.from_dict(meta)
     quantization = requested_spec(QuantSpec.from_config(meta), quantize, group_size, quantize_vision)
-    with torch.device("meta"):
-        model = model_class(cfg, dtype=dtype)
+
+    def swap_in(model: CogVLM) -> None:  # quantized linears, then the caller's modules; the planner counts them too
         if quantization is not None:
             quantize_model(model, quantization)
         if prepare is not None:
             prepare(model)
+
+    with meta_device():
+        model = model_class(cfg, dtype=dtype)
+        swap_in(model)
     expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers (quantization scales)
     modules = dict(model.named_modules())
     blocks = None
     if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
-        from .device_map import apply_device_map, block_devices, device_for_param
+        from .parallel.device_map import apply_device_map, device_for_param
+        from .parallel.plan import resolve_device_map
 
-        blocks = block_devices(device_map, cfg, max_memory, dtype=dtype, **(plan_options or {}))
+        blocks = resolve_device_map(device_map, cfg, max_memory, dtype=dtype,
+                                    prepare=swap_in if quantization or prepare else None, **(plan_options or {}))
     for target in set(blocks.values()) if blocks else [device]:
         check_device(quantization, target, dtype)  # before any weight is read
     shards = list_shards(path)
@@ -117,6 +125,25 @@ def _converted(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, f
         return [(f"{module_name}.{key}", t) for key, t in convert(attr, tensor)]
     except CheckpointError as e:
         raise CheckpointError(f"{file}: {name}: {e}") from e
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips `torch.nn.init` functions on meta tensors. Their values are never read, and a random fill of a meta
+    tensor runs a Python decomposition that imports torch._dynamo: 2-3 s of a small model's start-up."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and getattr(tensor, "is_meta", False):
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device():
+    """`with torch.device("meta")` for building a model whose tensors are filled in afterwards, without its init."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

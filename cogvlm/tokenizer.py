@@ -33,6 +33,16 @@ class TokenizerError(ValueError):
     """The tokenizer model file is not a usable sentencepiece model."""
 
 
+def _check_unicode(text: str) -> None:
+    """sentencepiece takes UTF-8 only; a str with lone surrogates (how Python hands over bytes that are not UTF-8,
+    e.g. from argv or a file read with errors="surrogateescape") cannot be encoded: say so, with where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character "
+                         f"{e.start + 1} (bytes that are not UTF-8?); decode the text as UTF-8 first") from None
+
+
 class Tokenizer:
     """Vicuna / Llama-2 tokenizer matching transformers 4.35 ``LlamaTokenizer(legacy=False)``.
 
@@ -76,6 +86,7 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special_tokens`` prepends ``bos_id`` (never appends eos)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        _check_unicode(text)
         ids: list[int] = []
         # re.split with one group alternates text, special, text, ... ("" -> [""], no ids)
         parts = self._special_re.split(text.replace(SPIECE_UNDERLINE, " "))

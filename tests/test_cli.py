@@ -182,7 +182,10 @@ def test_caption_folder_gives_one_record_per_image_and_reruns_skip_them(tmp_path
     r = cogvlm(*args, "--batch-size", 2, env=env)
     assert r.stdout == ""
     assert re.search(rf"skipped: cannot read image {re.escape(str(corrupt))}", r.stderr)
-    assert re.search(rf"caption {len(readable) + 1}/{len(readable) + 1} \[#+\] [\d.]+ (img/s|s/img).*ETA", r.stderr)
+    n = len(readable) + 1
+    assert re.search(rf"^caption {n}/{n} \[#+\], [\d.]+ (img/s|s/img), elapsed [\d:]+, ETA 0:00:00, 1 unreadable$",
+                     r.stderr, re.M), r.stderr  # the rate after the first batch (batches of 2: there are more)
+    assert re.search(r"after the first batch \(first batch [\d.]+ s\)", r.stderr)
     check_captions(read_jsonl(out), readable, corrupt, model, converted, 6)
 
     # A rerun finds everything done (the error record too) and does not even load the model.
@@ -220,11 +223,20 @@ def test_killed_caption_run_resumes_with_every_image_captioned_once(tmp_path, co
     written = read_jsonl(out)  # every line whole and valid, the last one included
     assert 1 <= len(written) < len(readable) + 1, "the run was not killed half-way"
 
-    # A write cut short by a crash (power loss, full disk) leaves an unfinished last line: the rerun removes it.
+    # A write cut short by a crash (power loss) leaves an unfinished last line: the rerun refuses the file unchanged
+    # (it cannot know the line is ours) and says what to do; with the line removed, the rerun goes on.
+    whole = out.read_bytes()
     with open(out, "ab") as f:
         f.write(b'{"image": "' + str(readable[-1]).encode() + b'", "capt')
+    cut = out.read_bytes()
+    r = cogvlm(*args, "--batch-size", 3, env=env, check=False)
+    assert r.returncode == 1 and out.read_bytes() == cut
+    assert re.fullmatch(r"cogvlm caption: error: .*captions\.jsonl does not end with a line break: its last line is "
+                        r"unfinished .*nothing was changed\. Remove or finish that last line, or give another --out\n",
+                        r.stderr)
+    out.write_bytes(whole)
     r = cogvlm(*args, "--batch-size", 3, env=env)
-    assert "unfinished last line" in r.stderr and f"{len(written)} already" in r.stderr
+    assert f"{len(written)} already" in r.stderr
     records = read_jsonl(out)
     assert records[:len(written)] == written  # what the killed run finished is kept as it was
     check_captions(records, readable, corrupt, model, converted, 24)
@@ -284,7 +296,17 @@ def test_help(command, env):
             assert flag in r.stdout
 
 
-COMMANDS = ["ask", "chat", "caption", "convert", "export-hf", "plan", "finetune"]
+def registered_commands() -> list[str]:
+    """Every command the parser knows, so that a new command module is checked without editing this test."""
+    import argparse
+
+    from cogvlm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+COMMANDS = registered_commands()
 NO_TORCH = """
 import sys
 from cogvlm.cli import main
@@ -298,6 +320,7 @@ assert "torch" not in sys.modules, "torch was imported"
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"]] + [[c, "--help"] for c in COMMANDS])
 def test_help_and_version_do_not_import_torch(args, env):
+    assert {"ask", "chat", "caption", "convert", "export-hf", "plan", "finetune"} <= set(COMMANDS)
     r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, env=env,
                        timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
@@ -312,15 +335,15 @@ def test_version_is_the_package_version(env):
 def test_choices_written_in_the_cli_are_the_real_ones():
     """The CLI spells its choices out (so that --help needs no torch); they must be the library's."""
     from cogvlm.cli import finetune as cli_finetune, options, plan as cli_plan
-    from cogvlm.device_map import STRATEGIES
+    from cogvlm.parallel.device_map import STRATEGIES
     from cogvlm.finetune import PRESETS
     from cogvlm.prompt import TEMPLATES
     from cogvlm.shards import DTYPES
 
-    assert options.DTYPE_CHOICES == tuple(DTYPES)
-    assert sorted(options.TEMPLATE_CHOICES) == sorted(TEMPLATES)
+    assert options.DTYPE_CHOICES == cli_finetune.DTYPES == tuple(DTYPES)
+    assert sorted(options.TEMPLATE_CHOICES) == sorted(cli_finetune.TEMPLATES) == sorted(TEMPLATES)
     assert cli_plan.STRATEGY_CHOICES == tuple(STRATEGIES)
-    assert cli_finetune.PRESET_CHOICES == tuple(PRESETS)
+    assert cli_finetune.PRESETS == tuple(PRESETS)
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "caption"])
@@ -330,3 +353,140 @@ def test_device_map_example_survives_line_wrapping(command, env):
 
     r = cogvlm(command, "--help", env={**env, "COLUMNS": "50"})
     assert any(line.split()[-1:] == [DEVICE_MAP_EXAMPLE] and "--device-map" in line for line in r.stdout.splitlines())
+
+
+# -- odd bytes, odd inputs --------------------------------------------------------------------------------------
+
+def run_bytes(args: list, env: dict, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """The command line with arguments as raw bytes (an argument that is not UTF-8 cannot be a str)."""
+    cmd = [os.fsencode(sys.executable), b"-m", b"cogvlm"] + [a if isinstance(a, bytes) else os.fsencode(str(a))
+                                                             for a in args]
+    r = subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=TIMEOUT)
+    r.stdout, r.stderr = r.stdout.decode("utf-8"), r.stderr.decode("utf-8", "backslashreplace")
+    return r
+
+
+BAD_TEXT = {
+    "question": (["ask", "{image}", b"caf\xe9?"], "ask", r"argument QUESTION: is not valid UTF-8 \(byte 0xe9 at "
+                                                         r"character 4\); give the text in UTF-8"),
+    "prompt": (["caption", "{image}", "--out", "{out}", "--prompt", b"\xff\xfe"], "caption",
+               r"argument --prompt: is not valid UTF-8 \(byte 0xff at character 1\); give the text in UTF-8"),
+    "stop string": (["ask", "{image}", "What?", "--stop", b"end\x80"], "ask",
+                    r"argument --stop: is not valid UTF-8 \(byte 0x80 at character 4\); give the text in UTF-8"),
+}
+
+
+@pytest.mark.parametrize("what", BAD_TEXT)
+def test_text_arguments_that_are_not_utf8_get_one_line_naming_them(what, tmp_path, converted, env):
+    args, command, message = BAD_TEXT[what]
+    out = tmp_path / "out.jsonl"
+    args = [a.format(image=IMAGES[0], out=out) if isinstance(a, str) else a for a in args]
+    r = run_bytes([*args, "--model", converted], env)
+    assert r.returncode == 2 and r.stdout == "" and not out.exists()
+    assert re.fullmatch(rf"cogvlm {command}: error: {message} \(see `cogvlm {command} --help`\)\n", r.stderr), r.stderr
+
+
+def test_piped_chat_keeps_answers_in_line_with_questions(converted, model, env):
+    """Every line that is not a /command has its line on stdout: blank and white-space lines an empty one, Windows
+    line ends are no part of the question; a line that is not UTF-8 ends the run after the answers so far, with one
+    line naming it."""
+    gen = dict(max_new_tokens=4)
+    q1, q2, q3 = "What is in the picture?", "What colour is it?", "Is it big?"
+    a1 = model.chat(IMAGES[0], q1, **gen)
+    a2 = model.chat(IMAGES[0], q2, history=[(q1, a1)], **gen)
+    a3 = model.chat(IMAGES[0], q3, **gen)
+    stdin = f"{q1}\n\n   \n{q2}\r\n/clear\n{q3}\n".encode() + b"caf\xe9?\nnever answered\n"
+    r = run_bytes(["chat", "--image", IMAGES[0], "--model", converted, "--max-new-tokens", 4, "--quiet"], env, stdin)
+    assert r.stdout == f"{a1}\n\n\n{a2}\n{a3}\n"
+    assert r.returncode == 1
+    assert r.stderr == ("cogvlm chat: error: <stdin> line 7 is not valid UTF-8 (byte 0xe9 at byte 4); convert the "
+                        "input to UTF-8, e.g. with iconv\n")
+
+
+def test_an_answer_with_line_breaks_stays_on_one_line_over_a_pipe(capsys):
+    from cogvlm.cli.ask import write_answer
+
+    assert write_answer(iter(["1. a\n2", ". b\n"]), one_line=True) == "1. a\n2. b\n"  # the history keeps it whole
+    assert capsys.readouterr().out == "1. a\\n2. b\\n\n"
+    assert write_answer(iter(["x\ny"])) == "x\ny" and capsys.readouterr().out == "x\ny\n"  # a terminal: as it is
+
+
+def test_image_bytes_on_stdin_are_named_stdin_in_errors(converted, env):
+    r = cogvlm("ask", "-", "What is this?", "--model", converted, env=env, stdin=b"GIF89a but not really",
+               check=False)
+    assert r.returncode == 1 and r.stderr == "cogvlm ask: error: cannot read image <stdin>: not a recognised image " \
+                                             "format\n"
+
+
+def test_a_caption_run_that_fails_to_load_leaves_no_out_file(tmp_path, env):
+    out = tmp_path / "captions.jsonl"
+    r = cogvlm("caption", IMAGES[0], "--out", out, "--model", tmp_path / "nowhere", "--quiet", env=env, check=False)
+    assert r.returncode == 1 and "is not a checkpoint folder" in r.stderr and not out.exists()
+
+
+FULL_DISK = """
+import errno, os, sys
+real, lines = os.write, [0]
+out = os.path.realpath(sys.argv[sys.argv.index("--out") + 1])
+
+def write(fd, data):  # the second line written to --out hits a full disk
+    if os.path.realpath(f"/proc/self/fd/{fd}") == out:
+        lines[0] += 1
+        if lines[0] > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(fd, data)
+
+os.write = write
+from cogvlm.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to find the output file's fd")
+def test_a_full_disk_ends_a_caption_run_with_one_line_and_keeps_the_records(tmp_path, converted, model, env):
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", *IMAGES, "--out", out, "--model", converted, "--max-new-tokens", 4, "--batch-size", 1, "--quiet"]
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=TIMEOUT)
+    assert r.returncode == 1 and r.stderr == (f"cogvlm caption: error: cannot write to {out}: No space left on device; "
+                                              "the 1 records written before are kept, rerun to go on\n")
+    assert [rec["image"] for rec in read_jsonl(out)] == [str(IMAGES[0])]
+
+
+def test_caption_a_folder_with_file_names_that_are_not_utf8(tmp_path, converted, model, env):
+    root = tmp_path / "images"
+    root.mkdir()
+    good, bad = os.fsencode(root) + b"/photo-\xe9.png", os.fsencode(root) + b"/\xff-broken.png"
+    shutil.copyfile(IMAGES[0], good)
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", root, "--out", out, "--model", converted, "--max-new-tokens", 4]
+    r = run_bytes(args, env)
+    assert r.returncode == 0, r.stderr
+    assert "skipped: cannot read image" in r.stderr and "broken.png" in r.stderr
+    by_image = {rec["image"]: rec for rec in read_jsonl(out)}
+    assert by_image[os.fsdecode(good)]["caption"] == model.chat(IMAGES[0], DEFAULT_PROMPT, max_new_tokens=4)
+    assert "cannot read image" in by_image[os.fsdecode(bad)]["error"]
+    r = run_bytes(args, env)  # the rerun finds both done
+    assert r.returncode == 0 and "all 2 images already have a record" in r.stderr
+
+
+NO_DYNAMO = """
+import sys
+from cogvlm.cli import main
+assert main(sys.argv[1:]) == 0
+assert "torch._dynamo" not in sys.modules, "building the model imported torch._dynamo"
+"""
+
+
+def test_ask_does_not_import_the_compiler(converted, env):
+    """Start-up: building the model on the meta device must not run nn.init there, whose random fills import
+    torch._dynamo (2-3 s of a tiny model's `ask`; bench/startup.py measures the whole start)."""
+    name = "case1_chat_image"
+    case = MANIFEST["cases"][name]
+    r = subprocess.run([sys.executable, "-c", NO_DYNAMO, "ask", str(FIXTURES / case["image"]), case["query"],
+                        "--model", str(converted), "--max-new-tokens", str(gen_steps(name)), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference_answer(name) + "\n"

@@ -190,3 +190,51 @@ def test_error_is_value_error():
 def test_bad_image_size():
     with pytest.raises(ValueError):
         preprocess(Image.new("RGB", (4, 4)), 0)
+
+
+# EXIF orientation -> the transpose that turns the stored pixels upright (the EXIF 2.3 table).
+ORIENTATIONS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def upright_picture() -> Image.Image:
+    """40x24 with a distinct colour in each corner, so that every rotation and flip gives other pixels."""
+    im = Image.new("RGB", (40, 24), (128, 128, 128))
+    for (x, y), colour in zip([(0, 0), (30, 0), (0, 16), (30, 16)], [(255, 0, 0), (0, 255, 0), (0, 0, 255),
+                                                                      (255, 255, 0)]):
+        im.paste(colour, (x, y, x + 10, y + 8))
+    return im
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])  # lossless formats that carry EXIF, so pixels compare exactly
+def test_exif_orientation_gives_the_upright_picture(tmp_path, orientation, fmt):
+    """A camera stores the sensor's pixels plus a tag saying how to turn them; the model sees the picture upright,
+    as a viewer shows it, whatever the way in (path, bytes, PIL image, preprocess)."""
+    upright = upright_picture()
+    inverse = {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+               Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}
+    method = ORIENTATIONS[orientation]
+    stored = upright if method is None else upright.transpose(inverse.get(method, method))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo.{fmt.lower()}"
+    save = dict(lossless=True) if fmt == "WEBP" else {}
+    stored.save(path, fmt, exif=exif, **save)
+    for src in (path, path.read_bytes(), Image.open(path)):
+        got = load_image(src)
+        assert got.size == upright.size and got.tobytes() == upright.tobytes(), (orientation, type(src))
+        assert load_image(got).tobytes() == upright.tobytes()  # turning is applied once, not again
+    torch.testing.assert_close(preprocess(path, 28), preprocess(upright, 28), atol=0, rtol=0)
+
+
+def test_a_broken_exif_block_is_ignored(tmp_path):
+    path = tmp_path / "broken-exif.png"
+    upright_picture().save(path, "PNG", exif=b"Exif\x00\x00MM\x00*garbage")
+    assert load_image(path).tobytes() == upright_picture().tobytes()
+
+
+def test_errors_name_the_source_as_told():
+    with pytest.raises(ImageError, match=r"^cannot read image <stdin>: not a recognised image format$"):
+        load_image(b"not an image", name="<stdin>")

@@ -239,3 +239,36 @@ def test_tiny_shapes_model_quantized_still_answers_fresh_images():
         got = model.chat_batch(images, ["Describe the image."] * len(images), max_new_tokens=8)
         accuracy = sum(g == e for g, e in zip(got, expected)) / len(expected)
         assert accuracy >= 0.9, (mode, list(zip(got, expected)))
+
+
+def test_the_planner_counts_quantized_bytes(capsys):
+    """issue 12: `cogvlm plan --quantize int4 --max-memory 0=12GiB` fits, and int8 over 2 x 12 GiB."""
+    from functools import partial
+
+    from cogvlm.cli import main
+    from cogvlm.parallel.plan import DoesNotFitError, plan
+
+    cfg = CogVLMConfig.from_name("cogvlm-chat-hf")
+    with pytest.raises(DoesNotFitError):
+        plan(cfg, {"cuda:0": "12GiB"}, dtype=torch.bfloat16)
+    int4 = plan(cfg, {"cuda:0": "12GiB"}, dtype=torch.bfloat16,
+                prepare=partial(quantize_model, spec=QuantSpec("int4", 128)))
+    assert set(int4.device_map.values()) == {"cuda:0"}
+    with pytest.raises(DoesNotFitError):
+        plan(cfg, {"cuda:0": "12GiB"}, dtype=torch.bfloat16, prepare=partial(quantize_model, spec=QuantSpec("int8")))
+    int8 = plan(cfg, {"cuda:0": "12GiB", "cuda:1": "12GiB"}, dtype=torch.bfloat16,
+                prepare=partial(quantize_model, spec=QuantSpec("int8")))
+    assert set(int8.device_map.values()) == {"cuda:0", "cuda:1"}
+    base = ["plan", "--model", "cogvlm-chat-hf", "--dtype", "bf16", "--max-memory", "0=12GiB"]
+    assert main(base + ["--quantize", "int4"]) == 0 and main(base) == 2
+    assert main(base + ["--quantize", "int4", "--no-quantize-vision"]) == 2  # the ViT in bf16 does not fit
+    capsys.readouterr()
+
+
+def test_a_planned_device_map_loads_the_quantized_weights(tmp_path):
+    plain = CogVLM.from_pretrained(TINY_SHAPES, device="cpu", dtype=torch.float32, quantize="int8")
+    mapped = CogVLM.from_pretrained(TINY_SHAPES, device="cpu", dtype=torch.float32, quantize="int8",
+                                    device_map="auto", max_memory={"cpu": "1GiB"})
+    assert isinstance(mapped.llm.layers[1].attn.vision_expert_qkv, Int8Linear)
+    a, b = plain.state_dict(), mapped.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

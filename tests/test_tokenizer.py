@@ -146,3 +146,14 @@ def test_bad_ids(tok):
         tok.decode([tok.vocab_size])
     with pytest.raises(TypeError):
         tok.encode([1, 2])
+
+
+@pytest.mark.parametrize("text", ["caf\udce9", "\udcff", "ok \udc80\udc81 then", "\ud800 high surrogate alone"])
+def test_text_that_is_not_unicode_is_a_value_error_saying_where(tok, text):
+    """Bytes that are not UTF-8 reach us as lone surrogates (argv, surrogateescape reads); sentencepiece would fail
+    with `RuntimeError: Unable to cast`. Every lone surrogate, low or high, anywhere in the text."""
+    where = next(i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF) + 1
+    with pytest.raises(ValueError, match=rf"not valid Unicode: lone surrogate U\+D[89A-F][0-9A-F]{{2}} at character "
+                                         rf"{where} "):
+        tok.encode(text)
+    assert tok.encode(text.encode("utf-8", "replace").decode("utf-8"))  # the repaired text encodes

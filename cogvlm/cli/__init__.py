@@ -18,7 +18,7 @@ from .options import Parser, UsageError, one_line
 
 __all__ = ["COMMANDS", "main", "build_parser"]
 
-COMMANDS = ("ask", "chat", "caption", "convert", "plan", "finetune")  # modules of cogvlm.cli, in --help order
+COMMANDS = ("ask", "chat", "caption", "serve", "convert", "plan", "finetune")  # modules of cogvlm.cli, in --help order
 
 EXAMPLES = """examples:
   cogvlm ask photo.jpg "What is on the table?"
@@ -52,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]) and return its exit status.
+
+    Run as the program (argv None) after torch was imported, it ends the process itself once stdout and stderr are
+    flushed (os._exit): the interpreter's teardown of torch's modules takes 1-3 s after the answer and has nothing of
+    ours left to do (every file we write is closed by then, caption records are fsync'ed)."""
+    # Idle OpenMP threads sleep instead of spinning: on a busy or small machine spinning workers steal the cores that
+    # the work (or, on a GPU, the thread launching its kernels) needs; a short answer on 2 shared cores ran 2-5x
+    # slower (bench/startup.py). Must be set before torch loads its OpenMP runtime; the user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    status = run_command(argv)
+    if argv is None and "torch" in sys.modules:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            status = status or 141
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args._module.run(args)  # `plan` returns its exit status; the others None

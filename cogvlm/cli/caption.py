@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
+from contextlib import nullcontext
 
 from .options import (DEVICE_MAP_EXAMPLE, generation_kwargs, generation_options, load_model, log, model_options,
                       positive_int, text)
@@ -14,12 +15,15 @@ EXAMPLES = f"""examples:
   cogvlm caption ./images --out captions.jsonl --prompt "Describe this image in detail."
   cogvlm caption ./images --out captions.jsonl --retry-errors    # try the unreadable files again
   cogvlm caption ./images --out captions.jsonl --device-map {DEVICE_MAP_EXAMPLE}
+  torchrun --nproc-per-node 8 -m cogvlm caption ./images --out captions.jsonl   # one process per GPU
 
-Folders are searched recursively for *.jpg *.jpeg *.png *.webp *.bmp *.gif *.tif *.tiff (any case), in sorted order.
-Each image gets one JSON line: {{"image", "caption", "prompt", "model"}}, or {{"image", "error"}} when it cannot be
-read (also reported on stderr; the run goes on). A rerun with the same --out skips the images already in it, so a
-killed run is simply started again. Default prompt: "Describe this image." for the chat and vqa templates, and
-"A picture of" for base (whose caption continues it).
+Folders are searched recursively for *.jpg *.jpeg *.png *.webp *.bmp *.gif *.tif *.tiff (any case), in sorted order;
+photos are turned upright by their EXIF orientation. Each image gets one JSON line: {{"image", "caption", "prompt",
+"model"}}, or {{"image", "error"}} when it cannot be read (also reported on stderr; the run goes on).
+A rerun with the same --out skips the images already in it, so a killed run is simply started again; it must use the
+same --model and --prompt (a different one is refused: use another --out). A file that is not a caption file, or
+whose last line is unfinished, is refused unchanged. Default prompt: "Describe this image." for the chat and vqa
+templates, and "A picture of" for base (whose caption continues it).
 """
 
 
@@ -38,42 +42,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from ..caption import CaptionFile, Progress, caption_images, default_prompt, find_images, speed
+    from ..caption import run_caption_job
+    from ..caption_dist import JobLock, run_dist_caption_job, torchrun_device, use_dist
 
-    images = find_images(args.paths, warn=lambda m: print(f"cogvlm caption: {m}", file=sys.stderr))
-    if not images:
-        raise ValueError(f"no image files ({', '.join(args.paths)}) found: looked for .jpg .jpeg .png .webp .bmp "
-                         ".gif .tif .tiff")
-    with CaptionFile(args.out) as out:
-        if out.dropped_tail:
-            log(args, f"removed an unfinished last line ({out.dropped_tail} bytes) of {args.out}")
-        if args.retry_errors:
-            dropped = out.drop_errors(set(images))
-            if dropped:
-                log(args, f"trying {dropped} unreadable image(s) again")
-        done = out.done()
-        todo = [path for path in images if path not in done]
-        skipped = len(images) - len(todo)
-        if not todo:  # nothing to do: no need to load the model
-            log(args, f"all {len(images)} images already have a record in {args.out}")
-            return
-        log(args, f"{len(todo)} images to caption" + (f" ({skipped} already in {args.out})" if skipped else ""))
-        model = load_model(args)
-        template = args.template or model.cfg.template_version
-        prompt = args.prompt if args.prompt is not None else default_prompt(template)
-        previous = {r.get("prompt") for r in out.records if "caption" in r} - {prompt}
-        if previous:
-            log(args, f"note: {args.out} also holds captions made with another prompt ({sorted(previous)[0]!r}); "
-                      "they are kept")
-        progress = Progress(len(todo), enabled=not args.quiet)
-        start = time.monotonic()
-        try:
-            captioned, errors = caption_images(
-                model, todo, out, prompt=prompt, template=template, batch_size=args.batch_size,
-                generation=generation_kwargs(args), model_name=args.model, progress=progress,
-                report_error=lambda message: progress.message(f"cogvlm caption: skipped: {message}"))
-        finally:
-            progress.close()
-        seconds = time.monotonic() - start
-        log(args, f"{captioned} captioned, {errors} unreadable, {skipped} already done; "
-                  f"{speed((captioned + errors) / seconds)} -> {args.out}")
+    say = None if args.quiet else lambda message: log(args, message)
+    distributed = use_dist(args.out)  # under torchrun, or to finish what a torchrun job left: docs/caption_dist.md
+    if distributed:
+        torchrun_device(args)  # cuda:LOCAL_RANK
+    with nullcontext() if distributed else JobLock(args.out):  # (rank 0 of a torchrun job takes it itself)
+        (run_dist_caption_job if distributed else run_caption_job)(
+            lambda: load_model(args), args.paths, args.out, prompt=args.prompt, template=args.template,
+            batch_size=args.batch_size, generation=generation_kwargs(args), model_name=model_name(args.model),
+            retry_errors=args.retry_errors, progress=not args.quiet, log=say,
+            warn=lambda message: print(f"cogvlm caption: {message}", file=sys.stderr, flush=True))
+
+
+def model_name(model: str) -> str:
+    """What records say in "model": the --model given, a folder without a trailing slash (so that a rerun with
+    `dir/` continues a file made with `dir`)."""
+    return os.path.normpath(model) if os.path.isdir(model) else model
