@@ -46,6 +46,7 @@ GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm supports
 SCALE_DTYPE = torch.bfloat16
 _TINY = torch.finfo(SCALE_DTYPE).tiny  # the smallest scale: an all-zero row or group gets codes 0
 _CHUNK = 1 << 24  # elements quantized at a time, so that quantizing a big matrix needs little temporary memory
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (torch < 2.3 has no such function)
 
 
 # ------------------------------------------------------------------------------------------------- arithmetic
@@ -108,7 +109,7 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 @fused  # compiled inside the graph-captured decode step: inductor reads only the int8 bytes at batch 1
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+    if _is_compiling() and x.numel() == x.shape[-1]:
         # One row: spelled as the reduction inductor turns it into (its own rewrite of a one-row product needs
         # coordinate-descent tuning on), so the conversion fuses into it and only int8 bytes are read.
         return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1) * scales
