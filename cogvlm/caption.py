@@ -18,9 +18,9 @@ The JSONL file is the job's only state, so a run can be killed at any moment and
   they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
 - An exclusive lock on the file stops two runs from writing the same file at once.
 
-Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB), in a worker thread a
-batch ahead of the model, and the decoded images go to `model.chat_batch` one batch at a time. A corrupt file becomes
-an error record instead of failing a whole batch.
+Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the
+model's input size, in worker threads a batch ahead of the model; the decoded images go to `model.chat_batch` one
+batch at a time. A corrupt file becomes an error record instead of failing a whole batch.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
 
-from .image import ImageError, load_image
+from .image import ImageError, load_image, resize_for_model
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
            "run_caption_job", "speed"]
@@ -267,31 +267,39 @@ def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prom
         template = template or model.cfg.template_version
         prompt = prompt if prompt is not None else default_prompt(template)
         file.check_same("prompt", prompt, "--prompt")
+        def describe(images: list) -> list[str]:
+            return model.chat_batch(images, [prompt] * len(images), template=template, batch_size=None, **generation)
+
+        def decode(path: str) -> tuple[str, object, str | None]:
+            try:  # resized here, in the decode threads: only small images wait in memory, the resize is off the loop
+                return path, resize_for_model(load_image(path), model.cfg.vision.image_size), None
+            except ImageError as e:  # every way a file can be broken is an ImageError; never fatal to the run
+                return path, None, str(e)
+
+        generation = generation or {}
+        record = {"prompt": prompt, "model": model_name}
         with _Bar(len(todo), progress) as bar:
-            _caption(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result, bar,
-                     warn)
+            _caption(_prefetch(decode, todo, ahead=batch_size), describe, record, file, batch_size, result, bar, warn)
         say(summary(result, out))
         return result
 
 
-def _caption(model, todo, file, prompt, template, batch_size, generation, model_name, result, bar, warn) -> None:
+def _caption(decoded: Iterator, describe, record: dict, file: CaptionFile, batch_size: int, result: CaptionResult,
+             bar: "_Bar", warn) -> None:
+    """Batches of `batch_size` readable images from `decoded` -> `describe` -> records in `file`, in order."""
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
     batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
 
     def run_batch() -> None:
         nonlocal first_done
-        readable = [(path, image) for path, image, error in batch if error is None]
-        captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
-                                         template=template, batch_size=None, **generation)
-                        if readable else [])
+        readable = [image for _, image, error in batch if error is None]
+        captions = iter(describe(readable) if readable else [])
         file.append([{"image": path, "error": error} if error is not None else
-                     {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}
-                     for path, _, error in batch])
+                     {"image": path, "caption": next(captions), **record} for path, _, error in batch])
         result.captioned += len(readable)
         batch.clear()
-        now = monotonic()
-        result.seconds = now - start
+        result.seconds = monotonic() - start
         finished = result.captioned + result.errors
         if result.first_batch_seconds is None:
             result.first_batch_seconds, first_done = result.seconds, finished
@@ -299,8 +307,8 @@ def _caption(model, todo, file, prompt, template, batch_size, generation, model_
             result.steady_images_per_s = (finished - first_done) / (result.seconds - result.first_batch_seconds)
         bar.show(finished, result)
 
-    for path, image, error in _prefetch(_decode, todo, ahead=batch_size):
-        if error is not None:  # every way a file can be broken is an ImageError; never fatal to the run
+    for path, image, error in decoded:
+        if error is not None:
             result.errors += 1
             bar.message(warn, f"skipped: {error}")
         batch.append((path, image, error))
@@ -308,13 +316,6 @@ def _caption(model, todo, file, prompt, template, batch_size, generation, model_
             run_batch()
     if batch:
         run_batch()
-
-
-def _decode(path: str) -> tuple[str, object, str | None]:
-    try:
-        return path, load_image(path), None
-    except ImageError as e:
-        return path, None, str(e)
 
 
 def _prefetch(fn, items: list, ahead: int) -> Iterator:
