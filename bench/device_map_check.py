@@ -5,7 +5,8 @@
 For each GPU count N: a balanced plan over N budgets (`--budget` each; with N=4 and 20GiB this emulates four 24 GB
 cards), weights placed straight on their block's device, then the last-position logits of one image + 24 text
 tokens and 32 greedy tokens, compared with one GPU (exact equality expected: the same kernels on the same
-numbers), per-GPU peak memory and decode tok/s.
+numbers), per-GPU peak memory and decode tok/s: eagerly through the hooks (DecodeSession turns graphs off across
+devices) and with one CUDA graph per device segment (`cogvlm.parallel.segments.SegmentedStep`).
 """
 from __future__ import annotations
 
@@ -20,30 +21,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import make_prompt  # noqa: E402
 from bench.random_weights import random_model  # noqa: E402
-from cogvlm import device_map as dm  # noqa: E402
+from cogvlm.parallel import device_map as dm  # noqa: E402
+from cogvlm.parallel import plan as pl  # noqa: E402
+from cogvlm.parallel.segments import SegmentedStep  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
 
 
-def greedy(model, ids, types, pixels, new_tokens: int):
+def greedy(model, ids, types, pixels, new_tokens: int, segmented: bool = False):
     """Prefill + new_tokens - 1 decode steps; returns the tokens and the decode rate (steps only)."""
-    session = DecodeSession(model, 1, ids.shape[1] + new_tokens)
+    session = DecodeSession(model, 1, ids.shape[1] + new_tokens, cuda_graph=False if segmented else None)
     tok = session.prefill(ids, types, pixel_values=pixels).argmax(-1)
+    step = session.step
+    if segmented:
+        step = SegmentedStep(model, session.caches, session.key_valid, session.cache_pos, session.next_pos,
+                             session.tokens).step
     tokens = [tok]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        tok = session.step(tok).argmax(-1)
+        tok = step(tok).argmax(-1)
         tokens.append(tok)
     torch.cuda.synchronize()
     return torch.stack(tokens, 1).cpu(), (new_tokens - 1) / (time.perf_counter() - t0)
 
 
-def run(model, ids, types, pixels, new_tokens: int):
+def run(model, ids, types, pixels, new_tokens: int, segmented: bool = False):
     with torch.no_grad():
         logits = model(ids, types, pixel_values=pixels, last_logits_only=True).logits[:, -1].float().cpu()
-        greedy(model, ids, types, pixels, 4)  # warm-up: kernel compilation and graph capture stay out of the timing
-        tokens, tok_s = greedy(model, ids, types, pixels, new_tokens)
+        greedy(model, ids, types, pixels, 4, segmented)  # warm-up: compilation and capture stay out of the timing
+        tokens, tok_s = greedy(model, ids, types, pixels, new_tokens, segmented)
     return logits, tokens, tok_s
 
 
@@ -74,8 +81,8 @@ def main() -> None:
             continue
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-        budgets = dm.parse_max_memory(",".join(f"{i}={args.budget}" for i in range(n)))
-        plan = dm.plan(cfg, budgets, batch_size=1, context=ids.shape[1] + args.new_tokens, strategy="balanced")
+        budgets = pl.parse_max_memory(",".join(f"{i}={args.budget}" for i in range(n)))
+        plan = pl.plan(cfg, budgets, batch_size=1, context=ids.shape[1] + args.new_tokens, strategy="balanced")
         blocks = dm.block_devices(plan, cfg)
         model = random_model(cfg, device="cuda:0", place=lambda name: dm.device_for_param(blocks, name))
         dm.apply_device_map(model, blocks)
@@ -83,6 +90,7 @@ def main() -> None:
         print(f"{n} GPUs: embed on {model.llm.embed.weight.device}, {len(misplaced)} misplaced {misplaced[:3]}",
               file=sys.stderr)
         logits, tokens, tok_s = run(model, ids, types, pixels, args.new_tokens)
+        _, seg_tokens, seg_tok_s = run(model, ids, types, pixels, args.new_tokens, segmented=True)
         results[f"{n}_gpus"] = {
             "plan_GiB": {d: round(u.total / 2**30, 2) for d, u in plan.devices.items()},
             "peak_GiB": peaks(),
@@ -90,6 +98,9 @@ def main() -> None:
             "logits_equal": bool(torch.equal(logits, ref_logits)),
             "logits_max_abs_diff": (logits - ref_logits).abs().max().item(),
             "tokens_equal": bool(torch.equal(tokens, ref_tokens)),
+            "segmented_decode_tok_s": round(seg_tok_s, 1),  # one CUDA graph per device segment
+            "segmented_vs_one_gpu": round(seg_tok_s / results["one_gpu"]["decode_tok_s"], 3),
+            "segmented_tokens_equal": bool(torch.equal(seg_tokens, ref_tokens)),
         }
         print(plan.format_table(), file=sys.stderr)
         del model

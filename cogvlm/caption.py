@@ -16,11 +16,11 @@ The JSONL file is the job's only state, so a run can be killed at any moment and
 - A rerun skips every image that already has a record; it must ask the same prompt of the same model (otherwise the
   file would mix two jobs), else it is refused with the way out. Error records are final unless `retry_errors`: then
   they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
-- An exclusive lock on the file stops two runs from writing the same file at once.
+- Locks stop two runs from writing one file at once: `OUT.lock` (see `cogvlm.caption_dist`) and a flock on the file.
 
-Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the
-model's input size, in worker threads a batch ahead of the model; the decoded images go to `model.chat_batch` one
-batch at a time. A corrupt file becomes an error record instead of failing a whole batch.
+Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the model's
+input, in a worker thread a batch ahead of the model, and the images go to `model.chat_batch` one batch at a time. A
+corrupt file becomes an error record instead of failing a whole batch.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 from .image import ImageError, load_image, resize_for_model
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
-           "run_caption_job", "speed"]
+           "run_caption_job", "caption_batches", "ProgressBar", "speed"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -113,13 +114,13 @@ class CaptionFile:
         self.fd = os.open(self.path, flags, 0o644)
         try:
             import fcntl
-        except ImportError:  # not POSIX (Windows): no lock, one run at a time is then up to the user
-            return
-        try:
+
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
             raise OSError(f"{self.path} is being written by another `cogvlm caption` run") from None
+        except (ImportError, OSError):  # no flock here (Windows, NFS without lockd, Lustre): OUT.lock still holds
+            pass
 
     def _read(self) -> list[tuple[bytes, dict]]:
         """Every record of the file, which is only read here: anything that is not ours is refused unchanged."""
@@ -267,39 +268,34 @@ def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prom
         template = template or model.cfg.template_version
         prompt = prompt if prompt is not None else default_prompt(template)
         file.check_same("prompt", prompt, "--prompt")
-        def describe(images: list) -> list[str]:
-            return model.chat_batch(images, [prompt] * len(images), template=template, batch_size=None, **generation)
-
-        def decode(path: str) -> tuple[str, object, str | None]:
-            try:  # resized here, in the decode threads: only small images wait in memory, the resize is off the loop
-                return path, resize_for_model(load_image(path), model.cfg.vision.image_size), None
-            except ImageError as e:  # every way a file can be broken is an ImageError; never fatal to the run
-                return path, None, str(e)
-
-        generation = generation or {}
-        record = {"prompt": prompt, "model": model_name}
-        with _Bar(len(todo), progress) as bar:
-            _caption(_prefetch(decode, todo, ahead=batch_size), describe, record, file, batch_size, result, bar, warn)
+        with ProgressBar(len(todo), progress) as bar:
+            caption_batches(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result,
+                            bar, warn)
         say(summary(result, out))
         return result
 
 
-def _caption(decoded: Iterator, describe, record: dict, file: CaptionFile, batch_size: int, result: CaptionResult,
-             bar: "_Bar", warn) -> None:
-    """Batches of `batch_size` readable images from `decoded` -> `describe` -> records in `file`, in order."""
+def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_size, generation, model_name, result,
+                    bar, warn) -> None:
+    """The batch loop, also of each torchrun rank (caption_dist.py): `todo` (read lazily) decoded a batch ahead, one
+    `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
     batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
 
     def run_batch() -> None:
         nonlocal first_done
-        readable = [image for _, image, error in batch if error is None]
-        captions = iter(describe(readable) if readable else [])
+        readable = [(path, image) for path, image, error in batch if error is None]
+        captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
+                                         template=template, batch_size=None, **generation)
+                        if readable else [])
         file.append([{"image": path, "error": error} if error is not None else
-                     {"image": path, "caption": next(captions), **record} for path, _, error in batch])
+                     {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}
+                     for path, _, error in batch])
         result.captioned += len(readable)
         batch.clear()
-        result.seconds = monotonic() - start
+        now = monotonic()
+        result.seconds = now - start
         finished = result.captioned + result.errors
         if result.first_batch_seconds is None:
             result.first_batch_seconds, first_done = result.seconds, finished
@@ -307,8 +303,8 @@ def _caption(decoded: Iterator, describe, record: dict, file: CaptionFile, batch
             result.steady_images_per_s = (finished - first_done) / (result.seconds - result.first_batch_seconds)
         bar.show(finished, result)
 
-    for path, image, error in decoded:
-        if error is not None:
+    for path, image, error in _prefetch(partial(_decode, size=model.cfg.vision.image_size), todo, ahead=batch_size):
+        if error is not None:  # every way a file can be broken is an ImageError; never fatal to the run
             result.errors += 1
             bar.message(warn, f"skipped: {error}")
         batch.append((path, image, error))
@@ -316,6 +312,13 @@ def _caption(decoded: Iterator, describe, record: dict, file: CaptionFile, batch
             run_batch()
     if batch:
         run_batch()
+
+
+def _decode(path: str, size: int) -> tuple[str, object, str | None]:
+    try:  # resized as `preprocess` resizes (it then has nothing left to do), off the model's thread: for a photo
+        return path, resize_for_model(load_image(path), size), None  # that costs as much as decoding
+    except ImageError as e:
+        return path, None, str(e)
 
 
 def _prefetch(fn, items: list, ahead: int) -> Iterator:
@@ -348,7 +351,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class _Bar:
+class ProgressBar:
     """The progress bar on stderr (tqdm): redrawn in place on a terminal; into a file or pipe, a plain line every 30
     seconds instead, so logs stay readable. Its rate leaves the first batch out (warm-up, compilation)."""
 

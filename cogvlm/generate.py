@@ -48,6 +48,14 @@ class DecodeSession:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its id (static input buffer)
         one_device = len({p.device for p in model.parameters()}) == 1  # a CUDA graph cannot span a device map
         self.use_graph = (device.type == "cuda" and one_device) if cuda_graph is None else cuda_graph
+        # Over a device map, cuda_graph=True captures one graph per device segment (cogvlm.parallel.segments);
+        # opt-in for now: it is checked token for token on the CPU but not yet measured on several GPUs.
+        self.segmented = None
+        if self.use_graph and not one_device:
+            from .parallel.segments import SegmentedStep
+
+            self.segmented = SegmentedStep(model, self.caches, self.key_valid, self.cache_pos, self.next_pos,
+                                           self.tokens, cuda_graph=True)
         self.graph = None
         self.graph_logits = None
         self.owner = None  # the decode loop using the session now (a session serves one batch at a time)
@@ -101,6 +109,8 @@ class DecodeSession:
         self.cache_pos.fill_(L)
         self.next_pos.copy_(position_ids.max(dim=1, keepdim=True).values)
         self.next_pos += 1
+        if self.segmented is not None:
+            self.segmented.sync()
         return out.logits[:, -1]
 
     def _step(self) -> torch.Tensor:
@@ -142,6 +152,8 @@ class DecodeSession:
             raise ValueError(f"the KV cache is full ({self.length} tokens); allocate a longer session")
         self.tokens.copy_(tokens.view(-1, 1))
         self.length += 1
+        if self.segmented is not None:
+            return self.segmented.step(tokens)
         if not self.use_graph:
             return self._step()
         if self.graph is None:

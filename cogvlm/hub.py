@@ -17,12 +17,11 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 from .config import CONFIG_FILE
 from .convert import TOKENIZER_FILE, convert
-from .shards import INDEX_FILES, SINGLE_FILES, CheckpointError
+from .shards import INDEX_FILES, SINGLE_FILES, CheckpointError, remove_stale_temp_folders
 
 __all__ = ["resolve", "cache_root", "download", "ALLOW_PATTERNS", "TOKENIZER_REPO"]
 
@@ -44,18 +43,25 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, tokeni
         if (path / CONFIG_FILE).exists():
             return path
         if (path / "config.json").exists():
-            return _cached_conversion(path, cache_root() / _local_key(path), tokenizer)
+            return _cached_conversion(path, _in_cache(_local_key(path)), tokenizer)
         raise CheckpointError(
             f"{path} is neither a converted cogvlm folder (no {CONFIG_FILE}) nor a hub-layout one (no config.json)"
         )
     name = str(name_or_path)
     if path.exists() or not _REPO_ID.match(name) or name.startswith("."):
         raise CheckpointError(f"{name} is not a checkpoint folder, and not a hub id like THUDM/cogvlm-chat-hf")
-    dst = cache_root() / f"{name.replace('/', '--')}--{(revision or 'main').replace('/', '--')}"
+    dst = _in_cache(f"{name.replace('/', '--')}--{(revision or 'main').replace('/', '--')}")
     if (dst / CONFIG_FILE).exists():  # converted before: no network needed
         _add_tokenizer(dst, tokenizer)
         return dst
     return _cached_conversion(download(name, revision), dst, tokenizer)
+
+
+def _in_cache(key: str) -> Path:
+    """The cache entry `key`; first clears the cache of what killed conversions left behind (see atomic_folder)."""
+    if cache_root().is_dir():
+        remove_stale_temp_folders(cache_root())
+    return cache_root() / key
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:
@@ -92,33 +98,50 @@ def _cached_conversion(src: Path, dst: Path, tokenizer) -> Path:
         _add_tokenizer(dst, tokenizer)
         return dst
     if tokenizer is None and not (src / TOKENIZER_FILE).exists():
-        tokenizer = _fetch_tokenizer()
+        tokenizer = _fetch_tokenizer(src)
     print(f"cogvlm: converting {src} into {dst} (once; later loads reuse it)", file=sys.stderr)
     # convert() writes into a temporary folder and renames it into place only when complete.
     return convert(src, dst, tokenizer=tokenizer, force=True)
 
 
-def _fetch_tokenizer(local_only: bool = False) -> Path | None:
+def _fetch_tokenizer(src: Path) -> Path:
+    """The Vicuna tokenizer the THUDM checkpoints use, for a conversion of `src`, which has none: from the local
+    Hugging Face cache, else downloaded. Offline (HF_HUB_OFFLINE) or with the hub out of reach this fails at once,
+    in one line, instead of spending half a minute in huggingface_hub's retries and loading a model that cannot chat."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    cached = _cached_tokenizer()
+    if cached is not None:
+        return cached
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        try:  # one request, no retries: is the hub there at all?
+            get_hf_file_metadata(hf_hub_url(TOKENIZER_REPO, TOKENIZER_FILE))
+            return Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE))
+        except Exception as e:  # no connection, DNS, proxy, hub down, gated...
+            why = f"the hub cannot be reached: {e.__class__.__name__}"
+    raise CheckpointError(
+        f"{src} has no {TOKENIZER_FILE}, and {TOKENIZER_REPO}'s is not in the local Hugging Face cache ({why}); "
+        f"pass --tokenizer PATH/{TOKENIZER_FILE} (tokenizer=PATH in Python)"
+    )
+
+
+def _cached_tokenizer() -> Path | None:
+    """The Vicuna tokenizer if the local Hugging Face cache holds it (instant, no network), else None."""
     from huggingface_hub import hf_hub_download
 
-    for only_cache in [True] if local_only else [True, False]:  # the local HF cache first: instant, no network
-        try:
-            return Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, local_files_only=only_cache))
-        except Exception as e:  # not cached / offline / no connection / hub down: chat() explains what to do
-            error = e
-    if not local_only:
-        warnings.warn(
-            f"could not fetch {TOKENIZER_FILE} from {TOKENIZER_REPO} ({error.__class__.__name__}); the model loads "
-            "without a tokenizer. Pass tokenizer=PATH, or load again once it is in the Hugging Face cache."
-        )
-    return None
+    try:
+        return Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, local_files_only=True))
+    except Exception:  # not cached (the exact error class differs between huggingface_hub versions)
+        return None
 
 
 def _add_tokenizer(folder: Path, tokenizer) -> None:
     """Give a cached conversion made without a tokenizer one: the given file, or one the HF cache holds by now."""
     if (folder / TOKENIZER_FILE).exists():
         return
-    tokenizer = Path(tokenizer) if tokenizer else _fetch_tokenizer(local_only=True)  # no network on reuse
+    tokenizer = Path(tokenizer) if tokenizer else _cached_tokenizer()  # no network on reuse
     if tokenizer is None:
         return
     if not tokenizer.exists():

@@ -37,7 +37,7 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
 
     `revision`: the hub branch, tag or commit (default main). `tokenizer`: a tokenizer.model to use (and to store in
     a new conversion); by default the checkpoint's own. The model gets `model.tokenizer` (None when there is none).
-    `device_map` spreads whole blocks over devices (see `cogvlm.device_map`: a dict, "auto" or "balanced" with
+    `device_map` spreads whole blocks over devices (see `cogvlm.parallel`: a dict, "auto" or "balanced" with
     `max_memory` budgets); it is planned before any weight is read, and each weight goes straight to its block's
     device; `plan_options` (batch_size, context) size the KV cache that "auto"/"balanced" reserve (default batch 1,
     full context). Strict: every parameter must be in the checkpoint with its exact shape, and nothing else may be.
@@ -58,9 +58,10 @@ def load_model(path: str | Path, device=None, dtype=None, revision: str | None =
     expected = model.state_dict(keep_vars=True)  # parameters and persistent buffers (quantization scales)
     blocks = None
     if device_map is not None:  # one device per block; "auto"/"balanced" are planned here, before any weight is read
-        from .device_map import apply_device_map, block_devices, device_for_param
+        from .parallel.device_map import apply_device_map, device_for_param
+        from .parallel.plan import resolve_device_map
 
-        blocks = block_devices(device_map, cfg, max_memory, dtype=dtype, **(plan_options or {}))
+        blocks = resolve_device_map(device_map, cfg, max_memory, dtype=dtype, prepare=prepare, **(plan_options or {}))
     shards = list_shards(path)
     check_safetensors_headers(shards)
     loaded: set[str] = set()

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,7 +143,7 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        save_tensors(self.pending, self.folder / name, metadata={"format": "pt"})
         self.files.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -161,22 +162,72 @@ class ShardWriter:
 
 @contextmanager
 def atomic_folder(dst: Path, force: bool = False):
-    """Yield a temporary folder beside `dst`; on success it is renamed to `dst`, on any failure it is removed."""
+    """Yield a temporary folder beside `dst`; on success it is renamed to `dst`, on any failure it is removed.
+
+    A killed process cannot remove its folder (for the real model, tens of GB), so each one is marked with its host
+    and pid, and the next run beside it removes those whose process is gone (`remove_stale_temp_folders`)."""
     dst = Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} already exists; choose another destination or pass --force to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_folders(dst.parent)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / TEMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / TEMP_MARK).unlink()
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
+
+
+TEMP_MARK = ".cogvlm-partial"  # "HOST PID" of the process writing an `atomic_folder`
+
+
+def remove_stale_temp_folders(parent: Path) -> list[Path]:
+    """Remove the temporary folders of `atomic_folder` in `parent` left by processes of this host that no longer
+    exist; returns them. Only folders carrying our mark are considered, and a live process's folder is never touched
+    (nor one from another host sharing the disk: its pid means nothing here)."""
+    removed = []
+    for folder in Path(parent).glob(".*.tmp-*"):
+        try:
+            host, pid = (folder / TEMP_MARK).read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):  # not a folder of ours, or not readable: leave it
+            continue
+        if host == socket.gethostname() and pid != os.getpid() and not _process_exists(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user
+        return True
+    return True
+
+
+def save_tensors(tensors: dict, file: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions of any new file (0644 under the usual umask; it writes 0600)."""
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_tensors(folder: Path, stem: str, tensors, max_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
@@ -186,7 +237,7 @@ def write_tensors(folder: Path, stem: str, tensors, max_bytes: int = DEFAULT_SHA
 
     def flush():
         names.append(f"{stem}-{len(names):05d}.safetensors")
-        save_file(part, str(Path(folder) / names[-1]))
+        save_tensors(part, Path(folder) / names[-1])
 
     for name, t in tensors:
         t = t.detach().to("cpu").contiguous().clone()

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +127,77 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(MODEL_DIR, tmp_path / "ours", max_shard_bytes=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def killed_while_writing(dst: Path) -> Path:
+    """Run atomic_folder(dst) in a process that is SIGKILLed half way: what a killed conversion leaves behind."""
+    code = ("import os, signal, sys; from pathlib import Path; from cogvlm.shards import atomic_folder\n"
+            "with atomic_folder(Path(sys.argv[1])) as tmp:\n"
+            "    (tmp / 'model-00001.safetensors').write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, str(dst)], env=env, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    (left,) = dst.parent.glob(f".{dst.name}.tmp-*")
+    return left
+
+
+def fake_temp_folder(parent: Path, name: str, pid: int, host: str | None = None) -> Path:
+    folder = parent / f".{name}.tmp-{pid}"
+    folder.mkdir(parents=True)
+    (folder / ckpt.TEMP_MARK).write_text(f"{host or socket.gethostname()} {pid}\n")
+    return folder
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid  # gone (its number could be reused, which would only make us keep its folder)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process liveness is checked with POSIX signals")
+def test_a_killed_conversion_is_cleaned_up_by_the_next_run(tmp_path):
+    left = killed_while_writing(tmp_path / "ours")
+    live = fake_temp_folder(tmp_path, "other", os.getppid())  # a running process (pytest's parent) writes here
+    remote = fake_temp_folder(tmp_path, "remote", dead_pid(), host="another-host")  # a shared disk: not ours
+    foreign = tmp_path / f".notes.tmp-{dead_pid()}"  # the same shape of name, but no mark of ours
+    foreign.mkdir()
+    convert(MODEL_DIR, tmp_path / "ours")
+    assert not left.exists()
+    assert live.exists() and remote.exists() and foreign.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, remote.name, foreign.name, "ours"])
+    assert not (tmp_path / "ours" / ckpt.TEMP_MARK).exists()  # the mark goes before the rename
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process liveness is checked with POSIX signals")
+def test_the_cache_is_cleaned_of_killed_conversions(tmp_path, monkeypatch):
+    """In $COGVLM_CACHE a killed conversion has a key that may never come again (the source changed): any use of
+    the cache clears it, even one that converts nothing."""
+    import cogvlm.hub as hub
+
+    monkeypatch.setenv("COGVLM_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src-hf"
+    shutil.copytree(MODEL_DIR, src)
+    shutil.copyfile(Path(__file__).parent / "fixtures" / "tokenizer" / "tokenizer.model", src / "tokenizer.model")
+    converted = hub.resolve(src)
+    left = killed_while_writing(tmp_path / "cache" / "local--old-version--0123456789abcdef")
+    live = fake_temp_folder(tmp_path / "cache", "local--in-progress--0123456789abcdef", os.getppid())
+    assert hub.resolve(src) == converted  # a cache hit
+    assert not left.exists() and live.exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_usual_permissions(tmp_path, umask, mode):
+    """safetensors writes 0600; every file we write follows the umask like any other (0644 by default)."""
+    old = os.umask(umask)
+    try:
+        out = export_hf(convert(MODEL_DIR, tmp_path / "ours", max_shard_bytes=2_000_000), tmp_path / "hub")
+        ckpt.write_tensors(tmp_path / "ours", "state", [("a", torch.zeros(3))])
+    finally:
+        os.umask(old)
+    files = [p for folder in (tmp_path / "ours", out) for p in folder.iterdir()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 3
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
 
 
 # -- bad inputs: each one a clear error that names the problem, and no output folder --------------------------------

@@ -1,9 +1,7 @@
-"""Device maps (issue 5): parsing and validating hand-written maps, the planner on the full-size configs (no
-weights), and a mapped forward + cached decode that must equal the unmapped model exactly."""
+"""Device maps (issue 5): parsing and validating hand-written maps, refusing devices this machine lacks, and a
+mapped forward + cached decode that must equal the unmapped model exactly. The planner: tests/test_plan.py."""
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import os
 from pathlib import Path
@@ -12,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogvlm import device_map as dm
+from cogvlm.parallel import device_map as dm
+from cogvlm.parallel import plan as pl
 from cogvlm.config import CogVLMConfig
 from cogvlm.convert import convert
 from cogvlm.generate import DecodeSession
@@ -25,17 +24,28 @@ CHAT = CogVLMConfig.from_name("cogvlm-chat-hf")
 GiB = 2**30
 
 
+def fake_gpus(monkeypatch, count: int) -> None:
+    """Make torch believe this machine has `count` CUDA devices (nothing here touches them: maps are only read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    fake_gpus(monkeypatch, 8)
+
+
 # -- hand-written maps ---------------------------------------------------------------------------------------------
 def test_parse_max_memory_units_and_devices():
-    mm = dm.parse_max_memory("0=20GiB, 1=20GB,cuda:2=512MiB,3=512MB,cpu=1.5GiB")
+    mm = pl.parse_max_memory("0=20GiB, 1=20GB,cuda:2=512MiB,3=512MB,cpu=1.5GiB")
     assert mm == {"cuda:0": 20 * GiB, "cuda:1": 20 * 10**9, "cuda:2": 512 * 2**20, "cuda:3": 512 * 10**6,
                   "cpu": int(1.5 * GiB)}
     for bad in ("0:20GiB", "0=20XB", "0=", "disk=1GiB", ""):
         with pytest.raises(dm.DeviceMapError):
-            dm.parse_max_memory(bad)
+            pl.parse_max_memory(bad)
 
 
-def test_manual_map_prefixes_ranges_and_short_spellings():
+def test_manual_map_prefixes_ranges_and_short_spellings(gpus):
     long = {"vision": "cuda:0", "adapter": 0, "llm.embed": "cuda", "llm.layers.0-15": "cuda:0",
             "llm.layers.16-31": "cuda:1", "llm.norm": "cuda:1", "llm.lm_head": 1}
     short = {"vision": 0, "adapter": 0, "embed": 0, "layers.0-15": 0, "layers.16-31": 1, "norm": 1, "lm_head": 1}
@@ -69,100 +79,49 @@ def test_manual_map_prefixes_ranges_and_short_spellings():
     ({"vision": 0, "adapter": 0, "llm": 1, "llm.embed": 0}, "must share a device"),
     ({"vision": "gpu0", "adapter": 0, "llm": 0}, "not a device"),
 ])
-def test_manual_map_errors_are_clear(bad, message):
+def test_manual_map_errors_are_clear(bad, message, gpus):
     with pytest.raises(dm.DeviceMapError, match=message):
         dm.block_devices(bad, CHAT)
 
 
-# -- the planner, full-size configs, no weights --------------------------------------------------------------------
-BUDGETS = ["0=20GiB,1=20GiB", "0=20GiB,1=20GiB,2=20GiB,3=20GiB", "0=16GiB,1=16GiB,cpu=60GiB", "0=80GiB",
-           "0=24GiB,1=16GiB,2=12GiB", "cuda:1=22GiB,cuda:0=10GiB,cpu=8GiB"]
+def test_unreadable_map_values_name_the_option_and_the_input(tmp_path):
+    (tmp_path / "broken.json").write_text('{"vision": 0,')
+    (tmp_path / "list.json").write_text('[["vision", 0]]')
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe{")
+    (tmp_path / "ok.json").write_text('{"vision": "cpu"}')
+    cases = [('{"vision": 0', r"--device-map: the JSON object is not valid JSON \(.*line 1"),
+             (str(tmp_path / "broken.json"), rf"--device-map: the file {tmp_path / 'broken.json'} is not valid JSON"),
+             (str(tmp_path / "binary.json"), "is not valid JSON"),
+             (str(tmp_path / "missing.json"), rf"--device-map: cannot read the map file {tmp_path / 'missing.json'} "
+                                              r"\(No such file or directory\)"),
+             (str(tmp_path / "list.json"), "must be a JSON object of block -> device"),
+             ('{"vision": [0]}', "must be a JSON object of block -> device"),
+             ("vision=0,layers", r"--device-map: cannot read 'vision=0,layers'; give auto, balanced")]
+    for text, message in cases:
+        with pytest.raises(dm.DeviceMapError, match=message):
+            dm.parse_device_map(text)
+    assert dm.parse_device_map(str(tmp_path / "ok.json")) == {"vision": "cpu"}
 
 
-@pytest.mark.parametrize("strategy", dm.STRATEGIES)
-@pytest.mark.parametrize("budgets", BUDGETS)
-@pytest.mark.parametrize("name, batch, context", [("cogvlm-chat-hf", 1, 2048), ("cogvlm-base-224-hf", 4, 1024)])
-def test_plan_respects_budgets_and_block_order(name, batch, context, budgets, strategy):
-    cfg = CogVLMConfig.from_name(name)
-    p = dm.plan(cfg, budgets, batch_size=batch, context=context, strategy=strategy)
-    assert list(p.device_map) == dm.block_names(cfg)  # every block placed, in forward order
-    assert dm.block_devices(p, cfg)  # a plan is a valid map
-    order = list(p.devices)  # GPUs by index, cpu last
-    assert order == sorted(order, key=lambda d: (d == "cpu", int(d.split(":")[1]) if ":" in d else 0))
-    ranks = [order.index(d) for d in p.device_map.values()]
-    assert ranks == sorted(ranks)  # contiguous runs: activations cross each device boundary once
-    for d, use in p.devices.items():
-        assert use.total <= use.budget, d
-    n_params = sum(x.numel() for x in _meta_model(name).parameters())
-    assert sum(u.weights for u in p.devices.values()) == 2 * n_params  # bf16
-    assert sum(u.kv_cache for u in p.devices.values()) == cfg.text.num_hidden_layers * 2 * batch * context * 4096 * 2
-    gpus = [u for d, u in p.devices.items() if d != "cpu"]
-    on_cpu = p.devices["cpu"].blocks if "cpu" in p.devices else []
-    if strategy == "auto" and on_cpu:  # cpu only once the GPUs are full: none has room for the next block
-        assert all(u.budget - u.total < _cost(on_cpu[:1], cfg, batch, context) for u in gpus)
-    if strategy == "balanced":  # balancing never sends more to cpu than "auto" does
-        auto = dm.plan(cfg, budgets, batch_size=batch, context=context)
-        assert on_cpu == (auto.devices["cpu"].blocks if "cpu" in auto.devices else [])
-    if strategy == "balanced" and len({u.budget for u in gpus}) == 1 and "cpu" not in p.devices:
-        units = [[b] for b in p.device_map] + [["llm.embed", "llm.layers.0"]]  # these two are placed together
-        largest = max(_cost(u, cfg, batch, context) for u in units)
-        loads = [u.total for u in gpus]
-        assert max(loads) - min(loads) <= largest, loads
+CPU_AND_GPU = "vision=cpu,adapter=cpu,embed=cpu,layers.0-15=cpu,layers.16-31={gpu},norm=cpu,lm_head=cpu"
 
 
-def test_auto_fills_in_order_and_balanced_spreads():
-    auto = dm.plan(CHAT, "0=20GiB,1=20GiB,2=20GiB,3=20GiB")
-    balanced = dm.plan(CHAT, "0=20GiB,1=20GiB,2=20GiB,3=20GiB", strategy="balanced")
-    assert [bool(u.blocks) for u in auto.devices.values()] == [True, True, False, False]
-    assert all(u.blocks for u in balanced.devices.values())
-    assert max(u.total for u in balanced.devices.values()) < 0.3 * sum(u.total for u in auto.devices.values())
-
-
-def test_refusal_gives_the_numbers_and_what_to_change():
-    with pytest.raises(dm.DoesNotFitError) as e:
-        dm.plan(CHAT, "0=16GiB,1=16GiB")
-    msg = str(e.value)
-    assert isinstance(e.value, ValueError) and e.value.available == 32 * GiB and e.value.needed > 34 * GiB
-    for part in ("needs 34.2 GiB (weights 32.9 + KV cache 1.0 + activations 0.4)", "budgets total 32.0 GiB",
-                 "--max-memory", "cpu=", "--batch-size/--context", "smaller dtype"):
-        assert part in msg, msg
-    # Enough memory in total (50 GiB), but no device holds a decoder layer with its activations.
-    with pytest.raises(dm.DoesNotFitError, match=r"from llm.embed on, 25.6 GiB found no room \(llm.embed \+ "
-                       r"llm.layers.0 alone needs 1.2\d GiB with its activations, more than any one budget\)") as e:
-        dm.plan(CHAT, ",".join(f"{i}=0.5GiB" for i in range(100)))
-    assert e.value.needed < e.value.available
-
-
-def test_plan_json_table_and_cli(capsys):
-    p = dm.plan(CHAT, "0=20GiB,1=20GiB", strategy="balanced")
-    d = json.loads(p.to_json())
-    assert d["device_map"] == p.device_map and d["devices"]["cuda:1"]["blocks"][-1] == "llm.lm_head"
-    assert "cuda:0" in p.format_table() and "vision.layers.0-62" in p.format_table()
-
-    parser = argparse.ArgumentParser()
-    dm.add_plan_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plan", "--model", "cogvlm-chat-hf", "--max-memory", "0=20GiB,1=20GiB", "--json",
-                              "--strategy", "balanced"])
-    assert args.func(args) == 0
-    assert json.loads(capsys.readouterr().out)["device_map"] == p.device_map
-    args = parser.parse_args(["plan", "--model", "cogvlm-chat-hf", "--max-memory", "0=16GiB", "--context", "4096"])
-    with pytest.raises(SystemExit) as e:
-        args.func(args)
-    assert e.value.code == 2 and "needs" in capsys.readouterr().err
-
-
-def _cost(blocks, cfg, batch, context) -> int:
-    """Bytes a run of blocks takes on one device, bf16: weights, KV cache, the largest transient."""
-    params = dm._block_params(json.dumps(cfg.to_dict(), sort_keys=True))
-    kv = 2 * batch * context * cfg.text.hidden_size * 2
-    return (sum(2 * params[b] + (kv if b.startswith("llm.layers.") else 0) for b in blocks)
-            + max(dm.transient_bytes(b, cfg, batch, context, 2) for b in blocks))
-
-
-@functools.lru_cache
-def _meta_model(name):
-    with torch.device("meta"):
-        return CogVLM(CogVLMConfig.from_name(name))
+@pytest.mark.parametrize("gpus_here, gpu, message", [
+    (0, "0", r"names cuda:0, but this machine has no CUDA device \(torch.cuda.is_available\(\) is False\)"),
+    (0, "cuda", "names cuda:0, but this machine has no CUDA device"),
+    (2, "cuda:3", r"names cuda:3, but this machine has 2 CUDA device\(s\) \(cuda:0-1\)"),
+])
+def test_naming_a_gpu_this_machine_lacks_is_one_clear_error(monkeypatch, gpus_here, gpu, message):
+    """Pairs, JSON and budgets alike, before anything touches CUDA (whose own error is a traceback)."""
+    fake_gpus(monkeypatch, gpus_here)
+    pairs = CPU_AND_GPU.format(gpu=gpu)
+    as_json = json.dumps(dict(item.split("=") for item in pairs.split(",")))
+    for text in (pairs, as_json):
+        with pytest.raises(dm.DeviceMapError, match=r"the device map \(--device-map\) " + message):
+            dm.block_devices(dm.parse_device_map(text), CHAT)
+    with pytest.raises(dm.DeviceMapError, match=r"max_memory \(--max-memory\) " + message):
+        pl.resolve_device_map("auto", CHAT, f"{gpu}=20GiB,cpu=60GiB")
+    assert pl.plan(CHAT, f"{gpu}=40GiB").device_map  # planning for another machine stays possible
 
 
 # -- execution -----------------------------------------------------------------------------------------------------
@@ -242,11 +201,34 @@ def test_from_pretrained_plans_for_the_requested_batch(tiny):
     """plan_options reach the planner: a budget that holds batch 1 refuses batch 64 before any weight is read."""
     budget = {"cpu": 100 * 2**20}
     model = CogVLM.from_pretrained(tiny, device="cpu", device_map="auto", max_memory=budget,
-                                   plan_options={"batch_size": 1, "context": 64})
+                                   plan_options={"batch_size": 1, "context": 2048})
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    with pytest.raises(dm.DoesNotFitError, match="batch"):
+    with pytest.raises(pl.DoesNotFitError, match="batch"):
         CogVLM.from_pretrained(tiny, device="cpu", device_map="auto", max_memory=budget,
-                               plan_options={"batch_size": 64, "context": 64})
+                               plan_options={"batch_size": 64, "context": 2048})
+
+
+TINY_ON_GPU = "vision=cpu,adapter=cpu,embed=cpu,layers.0=cpu,layers.1=0,norm=cpu,lm_head=cpu"  # 2 decoder layers
+
+
+@pytest.mark.parametrize("option", [["--device-map", TINY_ON_GPU], ["--max-memory", "0=1GiB,cpu=2GiB"]])
+def test_a_gpu_map_without_gpus_fails_before_any_weight_is_read(tiny, monkeypatch, capsys, option):
+    """Through from_pretrained and the command line: one line naming the option, nothing read from the checkpoint."""
+    import cogvlm.cli
+    import cogvlm.loading
+
+    fake_gpus(monkeypatch, 0)
+
+    def must_not_open(*args, **kwargs):
+        raise AssertionError("a shard was opened before the map was refused")
+
+    monkeypatch.setattr(cogvlm.loading, "open_shard", must_not_open)
+    with pytest.raises(dm.DeviceMapError, match="no CUDA device"):
+        CogVLM.from_pretrained(tiny, device="cpu", device_map=dm.parse_device_map(TINY_ON_GPU))
+    assert cogvlm.cli.main(["ask", "none", "Hi", "--model", str(tiny), "--quiet", *option]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cogvlm ask: error: ") and err.count("\n") == 1, err
+    assert f"({option[0]}) names cuda:0, but this machine has no CUDA device" in err
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -257,7 +239,7 @@ def test_two_gpus_equal_one(tiny):
     cpu_logits = run(CogVLM.from_pretrained(tiny, device="cpu", dtype=torch.float32), case, "cpu", 0)[0]
     torch.testing.assert_close(ref_logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
     for device_map in (split_map(one.cfg, "cuda:0", "cuda:1"), split_map(one.cfg, "cuda:1", "cuda:0"),
-                       dm.plan(one.cfg, {0: 2**30, 1: 2**30}, context=64, dtype=torch.float32, strategy="balanced")):
+                       pl.plan(one.cfg, {0: 2**30, 1: 2**30}, context=64, dtype=torch.float32, strategy="balanced")):
         model = CogVLM.from_pretrained(tiny, device="cpu", dtype=torch.float32)
         blocks = dm.block_devices(device_map, model.cfg)
         dm.apply_device_map(model, blocks)

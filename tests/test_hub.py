@@ -3,8 +3,13 @@ laid out as the hub repository (models--ORG--NAME/snapshots/<commit>/..., refs/m
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -12,7 +17,7 @@ import pytest
 
 import cogvlm.hub as hub
 from cogvlm import CogVLM
-from cogvlm.convert import CheckpointError
+from cogvlm.convert import CheckpointError, convert
 
 from .test_generate import FIXTURES, MANIFEST, SINGLE, TOKENIZER, conversation
 
@@ -92,16 +97,55 @@ def test_uncached_hub_id_offline_is_a_clear_error(offline):
         CogVLM.from_pretrained("testorg/not-downloaded", device="cpu")
 
 
-def test_without_a_reachable_tokenizer_the_model_loads_and_chat_explains(offline, tmp_path):
-    with pytest.warns(UserWarning, match="lmsys/vicuna-7b-v1.5"):
-        model = CogVLM.from_pretrained(REPO, device="cpu")
-    assert model.tokenizer is None
-    with pytest.raises(ValueError, match="no tokenizer"):
-        model.chat(None, "Hi")
-    # Once the tokenizer can be had, the cached conversion gets it (no new conversion).
+def hub_folder_without_tokenizer(tmp_path):
+    src = tmp_path / "cogvlm-tiny-hf"
+    shutil.copytree(MODEL_DIR, src)  # the fixture ships no tokenizer.model
+    return src
+
+
+def test_without_a_tokenizer_offline_fails_at_once_in_one_line(offline, tmp_path):
+    """A hub-layout folder or hub id with no tokenizer.model, and the Vicuna one not cached: a CheckpointError that
+    says how to pass one, before anything is converted (it used to spend 25-29 s in retries, then load a model that
+    could not chat)."""
+    for name in (hub_folder_without_tokenizer(tmp_path), REPO):
+        start = time.monotonic()
+        with pytest.raises(CheckpointError) as e:
+            hub.resolve(name)
+        assert time.monotonic() - start < 3, "no network attempts, no retries"
+        message = str(e.value)
+        assert "\n" not in message and "has no tokenizer.model" in message and "(HF_HUB_OFFLINE is set)" in message
+        assert message.endswith("pass --tokenizer PATH/tokenizer.model (tokenizer=PATH in Python)")
+    assert not (tmp_path / "cogvlm").exists() or not any((tmp_path / "cogvlm").iterdir())  # nothing converted
+
+
+def test_an_unreachable_hub_is_asked_once_without_retries(offline, tmp_path, monkeypatch, caplog):
+    """Not marked offline, but no hub (a closed port on 127.0.0.1): one request, then the same one-line error."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"the hub cannot be reached: .*\); pass --tokenizer PATH"):
+        hub.resolve(hub_folder_without_tokenizer(tmp_path))
+    assert time.monotonic() - start < 5
+    assert "Retrying" not in caplog.text
+
+
+def test_the_command_line_says_it_in_one_line(tmp_path):
+    env = {**os.environ, "COGVLM_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "cogvlm", "ask", "none", "Hi", "--model",
+                        str(hub_folder_without_tokenizer(tmp_path)), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("cogvlm ask: error: ") and "--tokenizer" in r.stderr
+
+
+def test_a_cached_conversion_without_a_tokenizer_gets_one_once_cached(offline, tmp_path):
+    """Conversions of earlier versions may lack the tokenizer: reusing one adds it from the HF cache, no network."""
+    cached = convert(MODEL_DIR, tmp_path / "cogvlm" / "testorg--tiny-cogvlm--main")  # no tokenizer in it
+    assert CogVLM.from_pretrained(REPO, device="cpu").tokenizer is None  # not cached either: loads as it is
     put_in_hf_cache(offline, hub.TOKENIZER_REPO, {"tokenizer.model": TOKENIZER})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = CogVLM.from_pretrained(REPO, device="cpu")
-    assert model.tokenizer is not None
-    assert (tmp_path / "cogvlm" / "testorg--tiny-cogvlm--main" / "tokenizer.model").exists()
+    assert model.tokenizer is not None and (cached / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 from .options import (DEVICE_MAP_EXAMPLE, generation_kwargs, generation_options, import_model_code, load_model, log,
                       model_options, positive_int, text)
@@ -14,6 +15,7 @@ EXAMPLES = f"""examples:
   cogvlm caption ./images --out captions.jsonl --prompt "Describe this image in detail."
   cogvlm caption ./images --out captions.jsonl --retry-errors    # try the unreadable files again
   cogvlm caption ./images --out captions.jsonl --device-map {DEVICE_MAP_EXAMPLE}
+  torchrun --nproc-per-node 8 -m cogvlm caption ./images --out captions.jsonl   # one process per GPU
 
 Folders are searched recursively for *.jpg *.jpeg *.png *.webp *.bmp *.gif *.tif *.tiff (any case), in sorted order;
 photos are turned upright by their EXIF orientation. Each image gets one JSON line: {{"image", "caption", "prompt",
@@ -43,12 +45,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> None:
     import_model_code()
     from ..caption import run_caption_job
+    from ..caption_dist import JobLock, run_dist_caption_job, torchrun_device, use_dist
 
-    run_caption_job(lambda: load_model(args), args.paths, args.out, prompt=args.prompt, template=args.template,
-                    batch_size=args.batch_size, generation=generation_kwargs(args), model_name=model_name(args.model),
-                    retry_errors=args.retry_errors, progress=not args.quiet,
-                    log=None if args.quiet else lambda message: log(args, message),
-                    warn=lambda message: print(f"cogvlm caption: {message}", file=sys.stderr, flush=True))
+    say = None if args.quiet else lambda message: log(args, message)
+    distributed = use_dist(args.out)  # under torchrun, or to finish what a torchrun job left: docs/caption_dist.md
+    if distributed:
+        torchrun_device(args)  # cuda:LOCAL_RANK
+    with nullcontext() if distributed else JobLock(args.out):  # (rank 0 of a torchrun job takes it itself)
+        (run_dist_caption_job if distributed else run_caption_job)(
+            lambda: load_model(args), args.paths, args.out, prompt=args.prompt, template=args.template,
+            batch_size=args.batch_size, generation=generation_kwargs(args), model_name=model_name(args.model),
+            retry_errors=args.retry_errors, progress=not args.quiet, log=say,
+            warn=lambda message: print(f"cogvlm caption: {message}", file=sys.stderr, flush=True))
 
 
 def model_name(model: str) -> str:

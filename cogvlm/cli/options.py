@@ -84,7 +84,7 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights' dtype (default: bf16 on GPUs that support it, "
                                                           "else fp32)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    # Multi-device loading (cogvlm/device_map.py, docs/device_map.md): passed on to from_pretrained in load_model.
+    # Multi-device loading (cogvlm/parallel/, docs/device_map.md): passed on to from_pretrained in load_model.
     g.add_argument("--device-map", metavar="MAP",
                    help="spread the model over devices: auto, balanced, a JSON object or file, or BLOCK=DEVICE pairs "
                         "(an example is below)")
@@ -155,7 +155,7 @@ def load_model(args):
             raise UsageError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     device_map = None
     if args.device_map or args.max_memory:
-        from ..device_map import STRATEGIES, parse_device_map
+        from ..parallel.device_map import STRATEGIES, parse_device_map
 
         device_map = parse_device_map(args.device_map or "auto")
         if args.max_memory and device_map not in STRATEGIES:
