@@ -35,9 +35,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
 
-from PIL import Image
-
-from .image import ImageError, load_image
+from .image import ImageError, load_image, resize_for_model
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
            "run_caption_job", "caption_batches", "ProgressBar", "speed"]
@@ -318,7 +316,7 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
 
 def _decode(path: str, size: int) -> tuple[str, object, str | None]:
     try:  # resized as `preprocess` resizes (it then has nothing left to do), off the model's thread: for a photo
-        return path, load_image(path).resize((size, size), Image.BICUBIC), None  # that costs as much as decoding
+        return path, resize_for_model(load_image(path), size), None  # that costs as much as decoding
     except ImageError as e:
         return path, None, str(e)
 

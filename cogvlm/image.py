@@ -26,7 +26,7 @@ from typing import IO, Union
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageError", "ImageSource", "load_image", "preprocess"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageError", "ImageSource", "load_image", "resize_for_model", "preprocess"]
 
 # OpenAI CLIP statistics, the values the reference passes to transforms.Normalize.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,6 +109,13 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
         raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
 
 
+def resize_for_model(image: Image.Image, image_size: int) -> Image.Image:
+    """The reference's resize: bicubic to image_size x image_size, the aspect ratio ignored. An image already of that
+    size is returned as a copy (PIL does not resample it), so resizing early (the caption job does it in its decode
+    threads, to keep only small images in memory) gives exactly the same pixels."""
+    return image.resize((image_size, image_size), Image.BICUBIC)
+
+
 def preprocess(image: ImageSource, image_size: int) -> torch.Tensor:
     """Reference image transform: RGB, bicubic resize to image_size x image_size, /255, CLIP normalise.
 
@@ -116,8 +123,7 @@ def preprocess(image: ImageSource, image_size: int) -> torch.Tensor:
     """
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    im = load_image(image)
-    im = im.resize((image_size, image_size), Image.BICUBIC)
+    im = resize_for_model(load_image(image), image_size)
     # Same arithmetic as ToTensor + Normalize: uint8 -> float32, / 255, then (x - mean) / std.
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     x = x.view(image_size, image_size, 3).permute(2, 0, 1).to(torch.float32).div(255)

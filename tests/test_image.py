@@ -238,3 +238,12 @@ def test_a_broken_exif_block_is_ignored(tmp_path):
 def test_errors_name_the_source_as_told():
     with pytest.raises(ImageError, match=r"^cannot read image <stdin>: not a recognised image format$"):
         load_image(b"not an image", name="<stdin>")
+
+
+def test_resizing_early_gives_the_same_pixels():
+    """The caption job resizes in its decode threads; preprocess must then give exactly what it gives from the file."""
+    from cogvlm.image import resize_for_model
+
+    for name in MANIFEST["images"]:
+        early = resize_for_model(load_image(FIXTURES / name), IMAGE_SIZE)
+        assert torch.equal(preprocess(early, IMAGE_SIZE), preprocess(FIXTURES / name, IMAGE_SIZE))

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .options import (DEVICE_MAP_EXAMPLE, NO_IMAGE, STDIN, STDIN_NAME, generation_kwargs, generation_options,
-                      load_model, model_options, text)
+                      import_model_code, load_model, model_options, text)
 
 EXAMPLES = f"""examples:
   cogvlm ask photo.jpg "Describe this image."
@@ -42,6 +42,7 @@ def run(args) -> None:
 def read_image(source: str):
     """IMAGE argument -> a decoded PIL image (or None for `none`). Done before the model loads: a typo in a path
     then fails at once, not after minutes of loading."""
+    import_model_code()
     from ..image import load_image
 
     if source == NO_IMAGE:

@@ -6,8 +6,8 @@ import os
 import sys
 from contextlib import nullcontext
 
-from .options import (DEVICE_MAP_EXAMPLE, generation_kwargs, generation_options, load_model, log, model_options,
-                      positive_int, text)
+from .options import (DEVICE_MAP_EXAMPLE, generation_kwargs, generation_options, import_model_code, load_model, log,
+                      model_options, positive_int, text)
 
 EXAMPLES = f"""examples:
   cogvlm caption ./images --out captions.jsonl
@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Caption every image under PATHS into a JSONL file, in batches; resumable.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file; a rerun skips what it holds")
-    p.add_argument("--prompt", type=text, help="the question asked about every image (default: per template, see below)")
+    p.add_argument("--prompt", type=text,
+                   help="the question asked about every image (default: per template, see below)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
     p.add_argument("--retry-errors", action="store_true",
                    help="try images with an error record again (their old record is removed)")
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    import_model_code()
     from ..caption import run_caption_job
     from ..caption_dist import JobLock, run_dist_caption_job, torchrun_device, use_dist
 

@@ -31,7 +31,8 @@ examples:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("chat", parents=[model_options(), generation_options()], epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              help="multi-turn chat in the terminal (or over a pipe: one answer line per question line)",
+                              help="multi-turn chat in the terminal (or over a pipe: one answer line per question "
+                                   "line)",
                               description="Chat about an image, turn by turn; answers go to stdout.")
     p.add_argument("--image", metavar="IMAGE", help="the image to talk about (default: none; /image PATH later)")
     return p
