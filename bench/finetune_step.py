@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from cogvlm.config import CogVLMConfig, TextConfig, VisionConfig  # noqa: E402
 from cogvlm.finetune import TrainConfig, make_trainable, training_loss  # noqa: E402
 from cogvlm import CogVLM  # noqa: E402
+from cogvlm.meta import meta_device  # noqa: E402
 
 DEFAULT_CASES = ["experts:fp32", "experts:bf16", "lora:fp32", "full:fp32"]
 
@@ -43,7 +44,7 @@ def config(name: str) -> CogVLMConfig:
 
 
 def random_model(cfg: CogVLMConfig, device: torch.device, dtype: torch.dtype) -> CogVLM:
-    with torch.device("meta"):
+    with meta_device():
         model = CogVLM(cfg).set_dtype(dtype)  # dtype first, on meta: the GPU never holds an fp32 copy
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -37,6 +37,7 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.model import CogVLM as Network  # noqa: E402
 from cogvlm.quantize import QuantSpec, pack_model, quantize_model, target_patterns, weight_bytes  # noqa: E402
 from cogvlm.swap import select  # noqa: E402
+from cogvlm.meta import meta_device  # noqa: E402
 
 GB = 1e9
 
@@ -60,7 +61,7 @@ def memory_rows(preset: str = "cogvlm-chat-hf", text_tokens: int = 24, new_token
     kv = 2 * cfg.text.num_hidden_layers * slots * cfg.text.hidden_size * 2
     rows = []
     for mode in ("bf16", "int8-novit", "int8", "int4-g128-novit", "int4-g32", "int4-g64", "int4-g128"):
-        with torch.device("meta"):
+        with meta_device():
             model = Network(cfg)
             spec = parse_mode(mode)
             if spec:
@@ -84,7 +85,7 @@ def print_memory(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------- accuracy (CPU)
 def divisible_modules(cfg: CogVLMConfig, group: int, quantize_vision: bool) -> tuple[str, ...]:
     """The target layers whose input width `group` divides (a tiny model is too narrow for int4's larger groups)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Network(cfg)
     names = select(target_patterns(quantize_vision), [n for n, m in model.named_modules()
                                                       if isinstance(m, torch.nn.Linear)])

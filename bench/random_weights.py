@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from cogvlm.config import CogVLMConfig
-from cogvlm.loading import meta_device, set_tensor
+from cogvlm.loading import set_tensor
+from cogvlm.meta import meta_device
 from cogvlm import CogVLM
 
 

@@ -7,18 +7,17 @@ is read onto its target device (a GPU directly, where asked) and cast there.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .config import CONFIG_FILE, CogVLMConfig
 from .convert import TOKENIZER_FILE
 from .shards import CheckpointError, check_safetensors_headers, list_shards, open_shard, parse_dtype
 from .hub import resolve
+from .meta import meta_device
 from .model import CogVLM
 from .quantize import QuantSpec, check_device, pack_model, quantize_model, requested_spec
 from .tokenizer import Tokenizer
@@ -125,25 +124,6 @@ def _converted(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, f
         return [(f"{module_name}.{key}", t) for key, t in convert(attr, tensor)]
     except CheckpointError as e:
         raise CheckpointError(f"{file}: {name}: {e}") from e
-
-
-class _SkipMetaInit(TorchFunctionMode):
-    """Skips `torch.nn.init` functions on meta tensors. Their values are never read, and a random fill of a meta
-    tensor runs a Python decomposition that imports torch._dynamo: 2-3 s of a small model's start-up."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensor = args[0] if args else kwargs.get("tensor")
-        if getattr(func, "__module__", None) == "torch.nn.init" and getattr(tensor, "is_meta", False):
-            return tensor
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def meta_device():
-    """`with torch.device("meta")` for building a model whose tensors are filled in afterwards, without its init."""
-    with torch.device("meta"), _SkipMetaInit():
-        yield
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ from ..shards import (
     parse_dtype,
 )
 from .names import Entry, hub_buffers, is_dropped, name_table, to_hub
+from ..meta import meta_device
 
 __all__ = ["convert", "export_hf", "expected_shapes", "CheckpointError", "name_table", "to_hub"]
 
@@ -37,7 +38,7 @@ def expected_shapes(cfg: CogVLMConfig) -> dict[str, torch.Size]:
     """Our parameter names and shapes for this config, from a model built on the meta device (no memory)."""
     from ..model import CogVLM
 
-    with torch.device("meta"):
+    with meta_device():
         model = CogVLM(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
 

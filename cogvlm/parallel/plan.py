@@ -23,6 +23,7 @@ from ..config import CogVLMConfig
 from ..model import CogVLM
 from ..shards import DTYPES
 from .device_map import STRATEGIES, DeviceMapError, block_devices, block_names, check_available, compact, to_device
+from ..meta import meta_device
 
 GiB = 2**30
 UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "kib": 2**10, "kb": 10**3, "b": 1, "": 1}
@@ -97,7 +98,7 @@ def block_sizes(cfg_json: str, dtype: torch.dtype, prepare: Callable[[CogVLM], N
     integers load as stored), so a swapped module's real storage is what is counted. A KV cache holds K and V of
     each attention's own heads (`attn.num_heads * attn.head_dim`, fewer under tensor parallelism) in `dtype`."""
     cfg = CogVLMConfig.from_dict(json.loads(cfg_json))
-    with torch.device("meta"):
+    with meta_device():
         model = CogVLM(cfg, dtype=dtype)
         if prepare is not None:
             prepare(model)

@@ -22,6 +22,7 @@ from ..model import CogVLM
 from ..shards import (DEFAULT_SHARD_BYTES, CheckpointError, ShardWriter, atomic_folder, check_safetensors_headers,
                       list_shards, open_shard)
 from . import CONFIG_KEY, QuantSpec, quantize_model, requested_spec
+from ..meta import meta_device
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -38,7 +39,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, mode: str, group_size:
     if Path(dst).resolve() == folder.resolve():
         raise ValueError(f"the destination {dst} is the source checkpoint; write the quantized one elsewhere")
     cfg = CogVLMConfig.from_dict(meta)
-    with torch.device("meta"):
+    with meta_device():
         model = CogVLM(cfg)
     spec = quantize_model(model, requested_spec(None, mode, group_size, quantize_vision))  # shape errors: here
     expected = {k: t.shape for k, t in model.state_dict().items()}
