@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from . import chat as _chat
+from . import explain as _explain
 from . import generate as _generate
+from . import grounding as _grounding
 from .loading import load_model
 from .model import CogVLM as _Network
 
@@ -34,3 +36,13 @@ class CogVLM(_Network):
     def chat_batch(self, images, queries, histories=None, template=None, **kwargs) -> list[str]:
         """Answers to many conversations at once (e.g. captioning), each equal to `chat` on it alone."""
         return _chat.chat_batch(self, images, queries, histories, template, **kwargs)
+
+    def ground(self, image, expression: str | None = None, template: str | None = None, **kwargs):
+        """Where `expression` is in `image` (or, without one, a description with boxes): the answer with its boxes
+        in the original image's pixels; `model.chat` answers stay unchanged. See `cogvlm.grounding`."""
+        return _grounding.ground(self, image, expression, template, **kwargs)
+
+    def explain(self, image, query: str, answer: str | None = None, layers=None, template: str | None = None,
+                **kwargs):
+        """The decoder's attention from the answer tokens to the image patches, as a grid; see `cogvlm.explain`."""
+        return _explain.explain(self, image, query, answer, layers, template, **kwargs)

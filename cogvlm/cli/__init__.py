@@ -18,7 +18,7 @@ from .options import Parser, UsageError, one_line
 
 __all__ = ["COMMANDS", "main", "build_parser"]
 
-COMMANDS = ("ask", "chat", "caption", "serve", "convert", "quantize", "plan", "finetune")  # modules of cogvlm.cli, in --help order
+COMMANDS = ("ask", "chat", "caption", "ground", "explain", "serve", "convert", "quantize", "plan", "finetune")  # modules of cogvlm.cli, in --help order
 
 EXAMPLES = """examples:
   cogvlm ask photo.jpg "What is on the table?"
