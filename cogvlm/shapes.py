@@ -27,11 +27,10 @@ each coordinate relative to the image x 1000, three digits (`cogvlm.grounding.to
     python -m cogvlm.shapes --out DIR --n N --seed S [--questions all|describe|random] [--min-side 64 --max-side 128]
         [--mix caption=1,ground=2,boxes=1]
 
-writes `DIR/images/NNNNNN.png` and `DIR/data.jsonl` in the fine-tuning data format (see docs/finetune.md): one
-record per (image, question), image paths relative to the JSONL file. Each record also carries a `meta` object
-(shape, colour, rgb, background, bbox; for scenes a list `shapes` of those and the `target` index) that the loader
-ignores. Without `--mix` every image is a one-shape caption image; with it each image's kind is drawn with those
-weights. The same seed gives the same files.
+writes `DIR/images/NNNNNN.png` and `DIR/data.jsonl` in the fine-tuning data format (docs/finetune.md), a record
+per (image, question) with a `meta` object the loader ignores (shape, colour, rgb, background, bbox; for scenes a
+list `shapes` of those and the `target`). Without `--mix` every image is a one-shape caption image; with it each
+image's kind is drawn with those weights. The same seed gives the same files. `--evaluate MODEL` scores a model.
 """
 from __future__ import annotations
 
@@ -322,20 +321,23 @@ def _boxes_right(answer: str, scene: list[ShapeSample]) -> bool:
 
 
 def _attention_peaks(model, scene_list, pictures) -> dict:
+    """Fractions of scenes whose map peak (layers averaged, then each layer) lies on the first shape's box."""
     from .explain import explain
 
-    inside = overlap = 0
+    hits: dict[str, int] = {}
     for scene, picture in zip(scene_list, pictures):
         s = scene[0]
         e = explain(model, picture, GROUND_QUESTION.format(colour=s.colour, shape=s.shape), max_new_tokens=24)
-        g = e.grid.shape[0]
-        row, col = e.peak()
-        cw, ch = s.width / g, s.height / g  # a patch's cell in the original image's pixels
-        cx, cy = (col + 0.5) * cw, (row + 0.5) * ch
-        x0, y0, x1, y1 = s.bbox
-        inside += x0 <= cx < x1 and y0 <= cy < y1
-        overlap += col * cw < x1 and x0 < (col + 1) * cw and row * ch < y1 and y0 < (row + 1) * ch
-    return {"peak_inside": inside / len(scene_list), "peak_overlaps": overlap / len(scene_list)}
+        for key, grid in [("", e.grid)] + [(f"_layer{i}", g) for i, g in enumerate(e.per_layer)]:
+            n = grid.shape[0]
+            row, col = divmod(int(grid.argmax()), n)
+            cw, ch = s.width / n, s.height / n  # a patch's cell in the original image's pixels
+            x0, y0, x1, y1 = s.bbox
+            inside = x0 <= (col + 0.5) * cw < x1 and y0 <= (row + 0.5) * ch < y1  # the cell's centre
+            overlaps = col * cw < x1 and x0 < (col + 1) * cw and row * ch < y1 and y0 < (row + 1) * ch
+            hits[f"peak_inside{key}"] = hits.get(f"peak_inside{key}", 0) + inside
+            hits[f"peak_overlaps{key}"] = hits.get(f"peak_overlaps{key}", 0) + overlaps
+    return {k: v / len(scene_list) for k, v in hits.items()}
 
 
 def parse_mix(text: str) -> dict[str, float]:
