@@ -41,6 +41,7 @@ from cogvlm.caption_dist import KILL_ENV, run_dist_caption_job  # noqa: E402
 from cogvlm.chat import build_batch, stream_rows  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.image import load_image  # noqa: E402
+from cogvlm.speed import compile_layers, compile_wanted  # noqa: E402
 from cogvlm.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Describe this image."
@@ -75,6 +76,8 @@ def sync() -> None:
 def run_reference(args) -> dict:
     """Images/s of the model alone on pre-decoded, preprocessed batches (after the first batch)."""
     model = load(args)
+    if compile_wanted(model):  # as the job does (cogvlm.speed), so that both run the same kernels
+        compile_layers(model)
     paths = find_images([args.dir])
     groups = [paths[i:i + args.batch] for i in range(0, len(paths), args.batch)]
     batches = [build_batch(model, [load_image(p) for p in group], [PROMPT] * len(group), template="chat")

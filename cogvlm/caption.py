@@ -18,9 +18,8 @@ The JSONL file is the job's only state, so a run can be killed at any moment and
   they are removed (the file is rewritten atomically) and those images are tried again, so each image keeps one line.
 - Locks stop two runs from writing one file at once: `OUT.lock` (see `cogvlm.caption_dist`) and a flock on the file.
 
-Each image is decoded once (`cogvlm.image.load_image`: upright by its EXIF orientation, RGB) and resized to the model's
-input, in a worker thread a batch ahead of the model, and the images go to `model.chat_batch` one batch at a time. A
-corrupt file becomes an error record instead of failing a whole batch.
+Each image is decoded once (upright by its EXIF orientation, RGB) and preprocessed in a worker thread a batch ahead of
+the model; the batches go to `model.chat_batch`. A corrupt file becomes an error record, not a failed batch.
 """
 from __future__ import annotations
 
@@ -35,7 +34,8 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
 
-from .image import ImageError, load_image, resize_for_model
+from .image import ImageError, load_image, preprocess
+from .speed import compile_layers, compile_wanted
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
            "run_caption_job", "caption_batches", "ProgressBar", "speed"]
@@ -279,9 +279,11 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
                     bar, warn) -> None:
     """The batch loop, also of each torchrun rank (caption_dist.py): `todo` (read lazily) decoded a batch ahead, one
     `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
+    if compile_wanted(model):  # a long job on a GPU: compiled layers (cogvlm.speed; COGVLM_COMPILE=0 to stay eager)
+        compile_layers(model)
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
-    batch: list[tuple[str, object, str | None]] = []  # (path, PIL image or None, error or None)
+    batch: list[tuple[str, object, str | None]] = []  # (path, pixels or None, error or None)
 
     def run_batch() -> None:
         nonlocal first_done
@@ -315,16 +317,16 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
 
 
 def _decode(path: str, size: int) -> tuple[str, object, str | None]:
-    try:  # resized as `preprocess` resizes (it then has nothing left to do), off the model's thread: for a photo
-        return path, resize_for_model(load_image(path), size), None  # that costs as much as decoding
+    try:  # decoded, resized and normalised off the model's thread (for a photo resizing costs as much as decoding)
+        return path, preprocess(load_image(path), size), None
     except ImageError as e:
         return path, None, str(e)
 
 
 def _prefetch(fn, items: list, ahead: int) -> Iterator:
-    """fn(item) for each item, in order, computed by two worker threads up to `ahead` items in advance (PIL decodes
-    without holding the GIL, so this overlaps with the model; at most `ahead` decoded images wait in memory)."""
-    with ThreadPoolExecutor(2, thread_name_prefix="cogvlm-decode") as pool:
+    """fn(item) for each item, in order, computed by up to four threads up to `ahead` items in advance (PIL and torch
+    work without holding the GIL, so this overlaps with the model; at most `ahead` decoded images wait in memory)."""
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cogvlm-decode") as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))

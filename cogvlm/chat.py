@@ -63,10 +63,21 @@ def build_batch(model, images: Sequence, queries: Sequence[str], histories: Sequ
         rows.append(build_inputs(tok, query, history, tmpl or model.cfg.template_version, n_img,
                                  max_length=model.cfg.text.max_position_embeddings))
         if image is not None:
-            pixels.append(preprocess(image, model.cfg.vision.image_size))
+            pixels.append(pixels_of(image, model.cfg.vision.image_size))
     batch = pad_batch(rows, pad_id=tok.pad_id, side="left")
     batch["pixel_values"] = torch.stack(pixels) if pixels else None
     return batch
+
+
+def pixels_of(image, size: int) -> torch.Tensor:
+    """`preprocess(image)`, or the image itself when it is already such a (3, size, size) tensor (the caption job
+    preprocesses in its decoding threads)."""
+    if not isinstance(image, torch.Tensor):
+        return preprocess(image, size)
+    if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
+        raise ValueError(f"an image given as a tensor must be preprocessed pixels (3, {size}, {size}), as "
+                         f"cogvlm.image.preprocess returns; got {image.dtype} {tuple(image.shape)}")
+    return image
 
 
 class TextStream:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 _active = False  # set by fused_kernels()
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (torch < 2.3 has no such function)
 
 
 @contextmanager
@@ -37,7 +38,7 @@ def fused(fn):
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args):
         nonlocal compiled, enabled
-        if not (_active and enabled and x.is_cuda):
+        if not (_active and enabled and x.is_cuda) or _is_compiling():  # (inside a compiled layer: traced as is)
             return fn(x, *args)
         try:
             if compiled is None:

@@ -76,9 +76,9 @@ class KVCache(nn.Module):
         if isinstance(pos, int):
             self.k[:, :, pos : pos + k.shape[2]].copy_(k)
             self.v[:, :, pos : pos + k.shape[2]].copy_(v)
-        else:
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
+        else:  # (an index_put_, which inductor keeps in place when a compiled layer writes the cache)
+            self.k[:, :, pos] = k
+            self.v[:, :, pos] = v
         return self.k, self.v
 
 

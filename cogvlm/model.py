@@ -45,14 +45,14 @@ class CogVLM(nn.Module):
         x = self.llm.embed(input_ids)
         if token_type_ids is not None and pixel_values is not None:
             image_pos = (token_type_ids == VISION_TOKEN_TYPE).to(x.device)
-            features = self.encode_images(pixel_values, trace).to(device=x.device, dtype=x.dtype)
-            n_pos = int(image_pos.sum())
-            if n_pos != features.shape[0] * features.shape[1]:
+            n_pos, n_img = int(image_pos.sum()), pixel_values.shape[0]  # (checked before the ViT is queued: the
+            if n_pos != n_img * self.cfg.num_image_tokens:              # host then waits on nothing behind it)
                 raise ValueError(
-                    f"token_type_ids mark {n_pos} image positions, but {features.shape[0]} "
-                    f"image(s) give {features.shape[1]} embeddings each; each image needs exactly "
+                    f"token_type_ids mark {n_pos} image positions, but {n_img} image(s) give "
+                    f"{self.cfg.num_image_tokens} embeddings each; each image needs exactly "
                     f"{self.cfg.num_image_tokens} positions of token type {VISION_TOKEN_TYPE}"
                 )
+            features = self.encode_images(pixel_values, trace).to(device=x.device, dtype=x.dtype)
             x = x.masked_scatter(image_pos[..., None], features)
         elif token_type_ids is not None and bool((token_type_ids == VISION_TOKEN_TYPE).any()):
             raise ValueError("token_type_ids mark image positions but no pixel_values were given")
@@ -88,8 +88,9 @@ class CogVLM(nn.Module):
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             mask = attention_mask if kv_caches is None else None
             position_ids = build_position_ids(types, mask)
-        x = self.embed(input_ids, token_type_ids, pixel_values, trace)
+        # The route first: it reads the token types back to the host, which must not wait behind the queued ViT.
         route = None if token_type_ids is None else ExpertRoute.from_token_types(token_type_ids)
+        x = self.embed(input_ids, token_type_ids, pixel_values, trace)
         key_valid = attention_mask
         if kv_caches is None and attention_mask is not None and bool(attention_mask.all()):
             key_valid = None  # no padding: plain causal attention (the flash path)

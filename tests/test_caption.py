@@ -60,7 +60,7 @@ def expected(model, path) -> dict:
             "model": "tiny"}
 
 
-def test_job_decodes_each_image_once_and_hands_pil_images_to_chat_batch_one_batch_at_a_time(tmp_path, model,
+def test_job_decodes_each_image_once_and_hands_pixels_to_chat_batch_one_batch_at_a_time(tmp_path, model,
                                                                                             monkeypatch):
     root = folder(tmp_path, 5)
     decoded, calls = [], []
@@ -79,7 +79,7 @@ def test_job_decodes_each_image_once_and_hands_pil_images_to_chat_batch_one_batc
     paths = sorted(str(p) for p in root.iterdir())
     assert sorted(decoded) == paths  # once each, from the file
     assert [len(types) for types, _ in calls] == [2, 2, 1] and all(n is None for _, n in calls)  # one batch each
-    assert all(t is Image.Image or issubclass(t, Image.Image) for types, _ in calls for t in types)
+    assert all(t is torch.Tensor for types, _ in calls for t in types)  # preprocessed in the decoding threads
     assert records(out) == [expected(model, p) for p in paths]
     assert (result.captioned, result.errors, result.skipped, result.images) == (5, 0, 0, 5)
 

@@ -1,0 +1,100 @@
+"""Compiled layers: inductor turns each ViT block and each decoder layer into a few fused kernels.
+
+Eager PyTorch runs every cast, norm, residual add, rotary and gating op as a kernel of its own. Measured on an H200
+(docs/benchmarks.md) they are about a third of a batch-1 prefill and about 1 ms of each decode step. `compile_layers`
+compiles every ViT block and decoder layer with `torch.compile`, one block at a time as torchtune does: the blocks
+are identical, so one compiled graph serves them all and compile time does not grow with depth. A decode session
+then records the compiled decoder layers into its CUDA graph.
+
+Compiling costs tens of seconds once per process (and once more for the first new batch size), so it pays for long
+jobs: `cogvlm caption` and `cogvlm serve` turn it on for CUDA models; a one-off `ask` stays eager. The model files are
+not touched: only each block's `forward` is replaced, and `uncompile_layers` puts it back. If compilation fails (no
+Triton, an unsupported op) the block warns once and runs eagerly. `COGVLM_COMPILE=0` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+from torch import nn
+
+COMPILED = "_cogvlm_eager_forward"  # where a compiled block keeps its eager forward
+
+
+def compile_wanted(model: nn.Module) -> bool:
+    """Whether compiling pays and can work here: a CUDA model, Triton importable, COGVLM_COMPILE not 0."""
+    if os.environ.get("COGVLM_COMPILE", "1") == "0" or not isinstance(model, nn.Module):
+        return False
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    return [*model.vision.layers, *model.llm.layers]
+
+
+def compile_layers(model: nn.Module, vision: bool = True, decoder: bool = True, backend: str | object = "inductor"
+                   ) -> nn.Module:
+    """Compile each ViT block (`vision`) and decoder layer (`decoder`) of `model` in place; returns the model.
+    Calling it again does nothing; a kept decode session is dropped (its graph recorded the eager layers).
+    `backend`: torch.compile's (tests pass their own)."""
+    import torch
+
+    from .generate import release_session
+
+    chosen = [*(model.vision.layers if vision else []), *(model.llm.layers if decoder else [])]
+    for block in chosen:
+        if COMPILED in block.__dict__:
+            continue
+        eager = block.forward
+        block.__dict__[COMPILED] = eager
+        block.forward = _guarded(torch.compile(eager, dynamic=True, backend=backend), eager, type(block).__name__)
+    release_session(model)
+    return model
+
+
+def uncompile_layers(model: nn.Module) -> nn.Module:
+    """Undo `compile_layers` (e.g. to time eager against compiled in one process)."""
+    from .generate import release_session
+
+    for block in blocks(model):
+        if COMPILED in block.__dict__:
+            del block.__dict__["forward"]
+            del block.__dict__[COMPILED]
+    release_session(model)
+    return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    return any(COMPILED in block.__dict__ for block in blocks(model))
+
+
+_failed: set[str] = set()  # block kinds whose compilation failed: they run eagerly from then on
+
+
+def _guarded(compiled, eager, kind: str):
+    def forward(*args, **kwargs):
+        if kind in _failed:
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler failure: the same block, eagerly
+            if not _is_compiler_error(e):
+                raise
+            _failed.add(kind)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(f"torch.compile of {kind} failed ({type(e).__name__}: {reason}); running it eagerly")
+            return eager(*args, **kwargs)
+
+    return forward
+
+
+def _is_compiler_error(e: Exception) -> bool:
+    """Errors raised by dynamo/inductor/triton, not by the computation itself (a bad shape, out of memory)."""
+    module = type(e).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "triton")) or "BackendCompilerFailed" in type(e).__name__
