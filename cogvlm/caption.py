@@ -34,6 +34,8 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, Iterable, Iterator
 
+from .batching import AUTO, auto_batch_size
+from .caption_progress import ProgressBar, summary
 from .image import ImageError, load_image, preprocess
 from .speed import compile_layers, compile_wanted
 
@@ -232,7 +234,7 @@ class CaptionResult:
 
 
 def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
-                    template: str | None = None, batch_size: int = 8, generation: dict | None = None,
+                    template: str | None = None, batch_size: int | str = 8, generation: dict | None = None,
                     model_name: str, retry_errors: bool = False, progress: bool = True,
                     log: Callable[[str], None] | None = None, warn: Callable[[str], None] = _stderr) -> CaptionResult:
     """Caption the images under `paths` into the JSONL file `out` (see the module docstring), resuming it.
@@ -281,6 +283,9 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
     `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
     if compile_wanted(model):  # a long job on a GPU: compiled layers (cogvlm.speed; COGVLM_COMPILE=0 to stay eager)
         compile_layers(model)
+    if batch_size == AUTO:  # the largest that the memory left after loading holds (cogvlm.batching)
+        batch_size = auto_batch_size(model, prompt, template, generation.get("max_new_tokens"))
+        bar.note(warn, f"batch size {batch_size} (--batch-size auto: from the memory free after loading)")
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
     batch: list[tuple[str, object, str | None]] = []  # (path, pixels or None, error or None)
@@ -334,67 +339,3 @@ def _prefetch(fn, items: list, ahead: int) -> Iterator:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def speed(rate: float) -> str:
-    """Images per second, or seconds per image when that reads better (big models, slow machines)."""
-    return f"{rate:.2f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/img"
-
-
-def summary(r: CaptionResult, out) -> str:
-    rate = f"{speed(r.steady_images_per_s)} after the first batch" if r.steady_images_per_s else "one batch"
-    first = f"{r.first_batch_seconds:.1f}" if r.first_batch_seconds is not None else "-"
-    return (f"{r.captioned} captioned, {r.errors} unreadable, {r.skipped} already done in {_clock(r.seconds)}; "
-            f"{rate} (first batch {first} s) -> {out}")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class ProgressBar:
-    """The progress bar on stderr (tqdm): redrawn in place on a terminal; into a file or pipe, a plain line every 30
-    seconds instead, so logs stay readable. Its rate leaves the first batch out (warm-up, compilation)."""
-
-    def __init__(self, total: int, enabled: bool):
-        from tqdm import tqdm
-
-        tty = sys.stderr.isatty()
-        self.tqdm = tqdm
-        self.bar = tqdm(total=total, desc="caption", disable=not enabled, file=sys.stderr if tty else _Lines(),
-                        mininterval=0.1 if tty else 30.0, ascii=None if tty else ".#",
-                        bar_format="{desc} {n_fmt}/{total_fmt} [{bar:24}]{postfix}")
-
-    def show(self, finished: int, r: CaptionResult) -> None:
-        if r.steady_images_per_s:
-            eta = _clock((self.bar.total - finished) / r.steady_images_per_s)
-            state = f"{speed(r.steady_images_per_s)}, elapsed {_clock(r.seconds)}, ETA {eta}"
-        else:
-            state = f"first batch {r.first_batch_seconds:.1f} s (warm-up), elapsed {_clock(r.seconds)}, ETA ?"
-        if r.errors:
-            state += f", {r.errors} unreadable"
-        self.bar.set_postfix_str(state, refresh=False)
-        self.bar.update(finished - self.bar.n)
-
-    def message(self, warn: Callable[[str], None], text: str) -> None:
-        with self.tqdm.external_write_mode(file=sys.stderr):  # the bar steps aside for the line, then comes back
-            warn(text)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-
-class _Lines:
-    """tqdm's output for a log: each refresh on a line of its own, where a terminal would redraw with \\r."""
-
-    def write(self, text: str) -> None:
-        text = text.strip("\r\n").rstrip()
-        if text:
-            sys.stderr.write(text + "\n")
-
-    def flush(self) -> None:
-        sys.stderr.flush()

@@ -2,16 +2,16 @@
 
 Each rank loads its own model (cuda:LOCAL_RANK, or as --device / --device-map say) and runs the one batch loop of
 `cogvlm.caption` (decoding in worker threads, one `chat_batch` per batch); this module shares out and puts together
-(docs/caption_dist.md). Rank 0 takes `OUT.lock`, counts every record in OUT and in the parts that earlier runs left
-in `OUT.parts/` as done, and puts the rest into torchrun's key-value store in chunks of one batch. A rank takes the
-next chunk by an atomic counter there (`store.add`) whenever its decoding workers need more images, so a slow rank
-just takes fewer and nobody waits before the end; no chunk is handed out twice. Each rank appends to its own part
+(docs/caption_dist.md). Rank 0 takes `OUT.lock`, counts the records in OUT and in the parts earlier runs left in
+`OUT.parts/` as done, and puts the rest into torchrun's key-value store in chunks of one batch (64 images with
+`--batch-size auto`, each rank choosing its own batch). A rank takes the next chunk by an atomic counter there
+(`store.add`) when its decoding workers need more images: a slow rank takes fewer; no chunk is handed out twice. Each rank appends to its own part
 (a `CaptionFile`: one write per line, fsync per batch), so a SIGKILLed rank loses at most its batch in flight, and a
 rerun with any number of ranks or nodes goes on from the records. At the end rank 0 merges OUT and the parts into OUT,
 one line per image in the input's order, through a temporary file renamed over OUT, then removes the parts.
 
-No process group is made: the job exchanges no tensors, only a plan and counters, which the store carries (JSON,
-nothing unpickled). So no collective makes ranks wait for each other, and GPUs hold no NCCL buffers.
+No process group is made: the store carries a plan and counters (JSON, nothing unpickled), no tensors, so no collective
+makes ranks wait for each other and GPUs hold no NCCL buffers.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from .batching import AUTO, MAX_BATCH
 from .caption import (IMAGE_EXTENSIONS, CaptionFile, CaptionResult, ProgressBar, caption_batches, default_prompt,
                       find_images, summary)
 
 __all__ = ["JobLock", "under_torchrun", "use_dist", "torchrun_device", "parts_folder", "run_dist_caption_job"]
 
 KILL_ENV = "COGVLM_CAPTION_TEST_KILL"  # test hook, "N": the rank that writes the job's N-th batch SIGKILLs itself
-# Other ranks wait this long for rank 0's plan (finding millions of files on a network file system takes minutes).
-PLAN_TIMEOUT = timedelta(hours=2)
+PLAN_TIMEOUT = timedelta(hours=2)  # how long ranks wait for rank 0's plan (listing millions of files takes minutes)
 STORE_MESSAGE = 4 << 20  # bytes of chunk lists per store message (the store refuses messages over 8 MiB)
 
 
@@ -46,7 +46,7 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def parts_folder(out) -> Path:
+def parts_folder(out) -> Path:  # where the ranks' part files go
     return Path(out).with_name(Path(out).name + ".parts")
 
 
@@ -151,9 +151,8 @@ class Ranks:
     def __init__(self):
         if under_torchrun():
             store, self.rank, self.world = next(dist.rendezvous("env://", timeout=PLAN_TIMEOUT))
-            # With --max-restarts the same store may serve several attempts: keys are per attempt.
             attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
-            self.store = dist.PrefixStore(f"cogvlm-caption/{attempt}/", store)
+            self.store = dist.PrefixStore(f"cogvlm-caption/{attempt}/", store)  # per attempt (--max-restarts)
         else:
             self.rank, self.world, self.store = 0, 1, dist.HashStore()
 
@@ -182,7 +181,7 @@ class Ranks:
 
 
 def run_dist_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
-                         template: str | None = None, batch_size: int = 8, generation: dict | None = None,
+                         template: str | None = None, batch_size: int | str = 8, generation: dict | None = None,
                          model_name: str, retry_errors: bool = False, progress: bool = True,
                          log: Callable[[str], None] | None = None,
                          warn: Callable[[str], None] | None = None) -> CaptionResult:
@@ -226,7 +225,7 @@ class _Job:
     out: Path
     prompt: str | None
     template: str | None
-    batch_size: int
+    batch_size: int | str
     generation: dict
     model_name: str
     warn: Callable[[str], None]
@@ -249,7 +248,8 @@ class _Job:
             done = {r["image"] for r in records if "caption" in r or not retry_errors}
             todo = [path for path in images if path not in done]
             result = CaptionResult(len(images), skipped=len(images) - len(todo))
-            chunks = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+            size = MAX_BATCH if self.batch_size == AUTO else self.batch_size
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
             plan = {"chunks": len(chunks), "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                     "prompt": next((r.get("prompt") for r in records if "caption" in r), None)}
             if todo:

@@ -36,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file; a rerun skips what it holds")
     p.add_argument("--prompt", type=text,
                    help="the question asked about every image (default: per template, see below)")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
+    p.add_argument("--batch-size", type=batch_size, default="auto", metavar="N|auto",
+                   help="images per batch, or auto: the largest that the GPU memory left after loading holds, up to "
+                        "64 (8 on the CPU) (default auto)")
     p.add_argument("--retry-errors", action="store_true",
                    help="try images with an error record again (their old record is removed)")
     return p
@@ -57,6 +59,13 @@ def run(args) -> None:
             batch_size=args.batch_size, generation=generation_kwargs(args), model_name=model_name(args.model),
             retry_errors=args.retry_errors, progress=not args.quiet, log=say,
             warn=lambda message: print(f"cogvlm caption: {message}", file=sys.stderr, flush=True))
+
+
+def batch_size(text: str):
+    return text if text == "auto" else positive_int(text)
+
+
+batch_size.__name__ = "batch size (a number or auto)"  # argparse's "invalid ... value" message
 
 
 def model_name(model: str) -> str:

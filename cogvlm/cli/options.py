@@ -176,8 +176,10 @@ def load_model(args):
         raise UsageError("--no-quantize-vision is for --quantize int8 or int4")
     log(args, f"loading {args.model}")
     start = time.monotonic()
-    # A planned map reserves KV cache for the batch this command will run (caption's --batch-size; 1 otherwise).
-    plan_options = {"batch_size": getattr(args, "batch_size", 1)} if device_map is not None else None
+    # A planned map reserves KV cache for the batch this command will run (caption's --batch-size; 1 otherwise, and
+    # for --batch-size auto, which then fills what the placed model leaves free).
+    batch = getattr(args, "batch_size", 1)
+    plan_options = {"batch_size": 1 if batch == "auto" else batch} if device_map is not None else None
     model = CogVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
                                    tokenizer=args.tokenizer, device_map=device_map, max_memory=args.max_memory,
                                    plan_options=plan_options, quantize=args.quantize, group_size=args.group_size,
