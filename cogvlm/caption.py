@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 
 from .batching import AUTO, auto_batch_size
 from .caption_progress import ProgressBar, summary
+from .grounding import boxes_record
 from .image import ImageError, load_image, preprocess
 from .speed import compile_layers, compile_wanted
 
@@ -236,14 +237,15 @@ class CaptionResult:
 def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
                     template: str | None = None, batch_size: int | str = 8, generation: dict | None = None,
                     model_name: str, retry_errors: bool = False, progress: bool = True,
-                    log: Callable[[str], None] | None = None, warn: Callable[[str], None] = _stderr) -> CaptionResult:
+                    log: Callable[[str], None] | None = None, warn: Callable[[str], None] = _stderr,
+                    boxes: bool = False) -> CaptionResult:
     """Caption the images under `paths` into the JSONL file `out` (see the module docstring), resuming it.
 
     `model`: a loaded CogVLM, or a function that loads one, called only if there is something to caption (after the
     file was checked, so a refusal costs no loading time). `prompt`: default per template. `template`: default the
     model's. `generation`: keywords of `chat_batch` (max_new_tokens, do_sample, ...). `model_name` is what records
     say in "model". `log` gets progress messages (None: silent), `warn` every unreadable image and folder;
-    `progress` shows a tqdm bar on stderr.
+    `progress` shows a tqdm bar on stderr. `boxes`: each record also gets the boxes parsed from its caption.
     """
     images = find_images(paths, warn=warn)
     if not images:
@@ -272,15 +274,16 @@ def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prom
         file.check_same("prompt", prompt, "--prompt")
         with ProgressBar(len(todo), progress) as bar:
             caption_batches(model, todo, file, prompt, template, batch_size, generation or {}, model_name, result,
-                            bar, warn)
+                            bar, warn, boxes)
         say(summary(result, out))
         return result
 
 
 def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_size, generation, model_name, result,
-                    bar, warn) -> None:
+                    bar, warn, boxes: bool = False) -> None:
     """The batch loop, also of each torchrun rank (caption_dist.py): `todo` (read lazily) decoded a batch ahead, one
-    `chat_batch` per batch, its records appended to `file`, then `bar.show`."""
+    `chat_batch` per batch, its records appended to `file`, then `bar.show`. `boxes`: each record also holds the
+    boxes parsed from its caption (`cogvlm.grounding.boxes_record`, in the original image's pixels too)."""
     if compile_wanted(model):  # a long job on a GPU: compiled layers (cogvlm.speed; COGVLM_COMPILE=0 to stay eager)
         compile_layers(model)
     if batch_size == AUTO:  # the largest that the memory left after loading holds (cogvlm.batching)
@@ -288,17 +291,20 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
         bar.note(warn, f"batch size {batch_size} (--batch-size auto: from the memory free after loading)")
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
-    batch: list[tuple[str, object, str | None]] = []  # (path, pixels or None, error or None)
+    batch: list[tuple[str, tuple | None, str | None]] = []  # (path, (pixels, (width, height)) or None, error or None)
+
+    def record(path: str, caption: str, size: tuple[int, int]) -> dict:
+        r = {"image": path, "caption": caption, "prompt": prompt, "model": model_name}
+        return {**r, **boxes_record(caption, size)} if boxes else r
 
     def run_batch() -> None:
         nonlocal first_done
         readable = [(path, image) for path, image, error in batch if error is None]
-        captions = iter(model.chat_batch([image for _, image in readable], [prompt] * len(readable),
+        captions = iter(model.chat_batch([pixels for _, (pixels, _) in readable], [prompt] * len(readable),
                                          template=template, batch_size=None, **generation)
                         if readable else [])
-        file.append([{"image": path, "error": error} if error is not None else
-                     {"image": path, "caption": next(captions), "prompt": prompt, "model": model_name}
-                     for path, _, error in batch])
+        file.append([{"image": path, "error": error} if error is not None else record(path, next(captions), image[1])
+                     for path, image, error in batch])
         result.captioned += len(readable)
         batch.clear()
         now = monotonic()
@@ -321,9 +327,10 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
         run_batch()
 
 
-def _decode(path: str, size: int) -> tuple[str, object, str | None]:
+def _decode(path: str, size: int) -> tuple[str, tuple | None, str | None]:
     try:  # decoded, resized and normalised off the model's thread (for a photo resizing costs as much as decoding)
-        return path, preprocess(load_image(path), size), None
+        image = load_image(path)
+        return path, (preprocess(image, size), image.size), None
     except ImageError as e:
         return path, None, str(e)
 

@@ -182,14 +182,13 @@ class Ranks:
 
 def run_dist_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
                          template: str | None = None, batch_size: int | str = 8, generation: dict | None = None,
-                         model_name: str, retry_errors: bool = False, progress: bool = True,
-                         log: Callable[[str], None] | None = None,
-                         warn: Callable[[str], None] | None = None) -> CaptionResult:
+                         model_name: str, retry_errors: bool = False, progress: bool = True, boxes: bool = False,
+                         log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
     """`run_caption_job` over all ranks of a torchrun job (same arguments; `model` may be a loader, called by each rank
     only if there is something to caption). Rank 0 returns the whole job's result, the others their own share. If
     rank 0 refuses the job (a lock, a file that is not ours, another prompt), it raises the reason and the other ranks
     exit with status 1 without a message of their own."""
-    job = _Job(Ranks(), model, Path(out), prompt, template, batch_size, generation or {}, model_name,
+    job = _Job(Ranks(), model, Path(out), prompt, template, batch_size, generation or {}, model_name, boxes,
                warn or (lambda message: print(message, file=sys.stderr, flush=True)), log or (lambda message: None))
     restore = _exit_on_sigterm()
     try:
@@ -228,6 +227,7 @@ class _Job:
     batch_size: int | str
     generation: dict
     model_name: str
+    boxes: bool
     warn: Callable[[str], None]
     say: Callable[[str], None]
 
@@ -311,7 +311,7 @@ class _Job:
         mine = CaptionResult(0)
         with CaptionFile(parts_folder(self.out) / f"part-{plan['run']}-{self.ranks.rank:05d}.jsonl") as part:
             caption_batches(self.model, self.ranks.claimed(plan["chunks"]), part, self.prompt, self.template,
-                            self.batch_size, self.generation, self.model_name, mine, bar, self.warn)
+                            self.batch_size, self.generation, self.model_name, mine, bar, self.warn, self.boxes)
         mine.images = mine.captioned + mine.errors
         self.ranks.add("finished", 1)
         self.say(f"rank {self.ranks.rank}: {summary(mine, 'its part')}")

@@ -275,3 +275,38 @@ def test_the_benchmark_measures_captioning_through_the_job_on_jpeg_files():
     r = run_caption(args)
     assert r["caption_images"] == 5 and r["caption_first_batch_s"] > 0 and r["caption_images_s"] > 0
     assert r["caption_total_s"] >= r["caption_first_batch_s"]
+
+
+def test_boxes_are_parsed_into_each_record_in_the_original_images_pixels(tmp_path, model):
+    """A grounding model's captions ("... [[x0,y0,x1,y1]] ...") become boxes in 000-999 and in pixels of each image as
+    it is on disk (not the square the model saw); a caption without boxes gets an empty list; without `boxes` the
+    records are unchanged."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (400, 100), (255, 0, 0)).save(root / "wide.png")  # red: the model "sees" two boxes
+    Image.new("RGB", (50, 300), (0, 0, 255)).save(root / "tall.png")  # blue: no box
+    boxed = "a red circle [[100,200,500,600]] and a box [[000,000,999,999]]"
+
+    class Grounder:  # the real model's config; answers as a grounding model would
+        cfg = model.cfg
+
+        def chat_batch(self, images, queries, **kw):
+            return [boxed if pixels[0].mean() > pixels[2].mean() else "nothing here" for pixels in images]
+
+    out = tmp_path / "boxes.jsonl"
+    run(Grounder(), root, out, boxes=True, batch_size=2)
+    got = {Path(r["image"]).name: r for r in records(out)}
+    first, second = got["wide.png"], got["tall.png"]
+    assert first["caption"] == boxed and first["problems"] == [] and second["caption"] == "nothing here"
+    w, h = 400, 100
+    assert first["boxes"] == [
+        {"phrase": "a red circle", "box": [100, 200, 500, 600],
+         "pixels": [round(100 / 1000 * w, 1), round(200 / 1000 * h, 1), round(500 / 1000 * w, 1),
+                    round(600 / 1000 * h, 1)]},
+        {"phrase": "a box", "box": [0, 0, 999, 999], "pixels": [0.0, 0.0, round(999 / 1000 * w, 1),
+                                                                 round(999 / 1000 * h, 1)]}]
+    assert second["boxes"] == [] and second["problems"] == []
+
+    plain = tmp_path / "plain.jsonl"
+    run(Grounder(), root, plain, batch_size=2)
+    assert all(set(r) == {"image", "caption", "prompt", "model"} for r in records(plain))

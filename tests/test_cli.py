@@ -490,3 +490,14 @@ def test_ask_does_not_import_the_compiler(converted, env):
                        capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == reference_answer(name) + "\n"
+
+
+def test_caption_boxes_puts_the_parsed_boxes_into_every_caption_record(tmp_path, converted, env):
+    readable, corrupt = make_folder(tmp_path / "images", n_made=1)
+    out = tmp_path / "boxes.jsonl"
+    cogvlm("caption", tmp_path / "images", "--out", out, "--model", converted, "--max-new-tokens", 4, "--boxes",
+           "--quiet", env=env)
+    records = read_jsonl(out)
+    captions = [r for r in records if "caption" in r]
+    assert len(captions) == len(readable) and all(r["boxes"] == [] and r["problems"] == [] for r in captions)
+    assert [set(r) for r in records if "error" in r] == [{"image", "error"}]  # error records stay as they are

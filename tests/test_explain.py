@@ -70,6 +70,29 @@ def test_map_shape_normalisation_and_layers(tiny):
         explain(tiny, image, "Describe the image.", answer="a", layers=[2])
 
 
+@pytest.mark.parametrize("shape, colour, rgb", [("circle", "red", (220, 20, 20)), ("square", "blue", (20, 40, 220)),
+                                               ("triangle", "yellow", (230, 200, 20))])
+def test_the_map_follows_the_shape(tiny, shape, colour, rgb):
+    """One shape in the top-left quarter, then moved into the right half, then into the bottom half: the map's peak
+    moves into the half the shape moved to, and its centre of mass moves by at least one patch that way."""
+    side, size = tiny.cfg.vision.image_size, tiny.cfg.vision.image_size * 2 // 5
+
+    def where(x0: int, y0: int):
+        s = shapes.ShapeSample(shape, colour, rgb, (255, 255, 255), (x0, y0, x0 + size, y0 + size), side, side)
+        e = explain(tiny, shapes.render(s), "What colour is the shape?", max_new_tokens=4)
+        n = e.grid.shape[0]
+        at = torch.arange(n, dtype=torch.float32)
+        return e.peak(), ((e.grid.sum(1) * at).sum().item(), (e.grid.sum(0) * at).sum().item()), n
+
+    m = side // 20  # a margin
+    (row, col), (cy, cx), n = where(m, m)
+    (row_r, col_r), (cy_r, cx_r), _ = where(side - size - m, m)  # moved right
+    (row_d, col_d), (cy_d, cx_d), _ = where(m, side - size - m)  # moved down
+    assert col < n / 2 <= col_r and row < n / 2 <= row_d, ((row, col), (row_r, col_r), (row_d, col_d))
+    assert cx_r - cx >= 1 and abs(cy_r - cy) < 1, (cx, cx_r, cy, cy_r)
+    assert cy_d - cy >= 1 and abs(cx_d - cx) < 1, (cy, cy_d, cx, cx_d)
+
+
 def test_heatmap_picture():
     image = Image.new("RGB", (160, 80), (40, 120, 200))
     grid = torch.zeros(8, 8)

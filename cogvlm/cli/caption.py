@@ -14,6 +14,8 @@ EXAMPLES = f"""examples:
   cogvlm caption a.jpg ./more-images --out captions.jsonl --batch-size 16 --max-new-tokens 128
   cogvlm caption ./images --out captions.jsonl --prompt "Describe this image in detail."
   cogvlm caption ./images --out captions.jsonl --retry-errors    # try the unreadable files again
+  cogvlm caption ./images --out boxes.jsonl --model THUDM/cogvlm-grounding-generalist-hf --boxes \\
+      --prompt "Can you provide a description of the image and include the coordinates [[x0,y0,x1,y1]] for each mentioned object?"
   cogvlm caption ./images --out captions.jsonl --device-map {DEVICE_MAP_EXAMPLE}
   torchrun --nproc-per-node 8 -m cogvlm caption ./images --out captions.jsonl   # one process per GPU
 
@@ -39,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=batch_size, default="auto", metavar="N|auto",
                    help="images per batch, or auto: the largest that the GPU memory left after loading holds, up to "
                         "64 (8 on the CPU) (default auto)")
+    p.add_argument("--boxes", action="store_true",
+                   help="also parse the boxes in each caption (grounding models) into the record, in 000-999 and pixels")
     p.add_argument("--retry-errors", action="store_true",
                    help="try images with an error record again (their old record is removed)")
     return p
@@ -57,7 +61,7 @@ def run(args) -> None:
         (run_dist_caption_job if distributed else run_caption_job)(
             lambda: load_model(args), args.paths, args.out, prompt=args.prompt, template=args.template,
             batch_size=args.batch_size, generation=generation_kwargs(args), model_name=model_name(args.model),
-            retry_errors=args.retry_errors, progress=not args.quiet, log=say,
+            retry_errors=args.retry_errors, progress=not args.quiet, log=say, boxes=args.boxes,
             warn=lambda message: print(f"cogvlm caption: {message}", file=sys.stderr, flush=True))
 
 
