@@ -2,6 +2,7 @@
 
     python bench/bench.py [--preset cogvlm-chat-hf] [--text-tokens 24] [--decode-steps 128] [--json OUT.json]
     python bench/bench.py --accuracy        # bf16 vs fp32 logits (32 decoder + 24 ViT layers, 300 text tokens)
+    (the speed run ends with bench/peer.py, transformers' compiled Llama on the same decode work, and our ratio to it)
     python bench/bench.py --caption-only --device cpu --preset examples/tiny-shapes \
         --caption-images 8 --caption-batch 4 --caption-tokens 4      # the captioning figure alone: a CPU smoke run
 
@@ -160,7 +161,23 @@ def run_speed(args) -> dict:
         with torch.no_grad():
             measure(model, cfg, args, r, "compiled_", args.compiled_batches)
         r["compiled_total_s"] = time.perf_counter() - t0
+    if not args.no_peer:
+        r.update(run_peer(args, r["prompt_tokens"]))
     return r
+
+
+def run_peer(args, context: int) -> dict:
+    """bench/peer.py (transformers' compiled Llama on the same decode work) in a child process, batch 1."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peer.json"
+        command = [sys.executable, str(Path(__file__).with_name("peer.py")), "--preset", args.preset, "--batches", "1",
+                   "--context", str(context), "--new-tokens", str(args.decode_steps), "--json", str(out),
+                   "--device", args.device] + (["--no-compile"] if args.device == "cpu" else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            return {"peer_error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        peer = json.loads(out.read_text())
+    return {"peer": peer["peer"], "peer_decode_b1_tok_s": peer["decode_b1_tok_s"]}
 
 
 def measure(model, cfg, args, r: dict, key: str, batches) -> None:
@@ -306,6 +323,12 @@ def print_table(r: dict) -> None:
                              f"weights + KV = {r['weights_GB'] + r[f'kv_b{b}_GB']:.1f} GB"))
         if "compiled_total_s" in r:
             rows.append(("compiled: compile + timing runs", f"{r['compiled_total_s']:.0f} s", ""))
+        if "peer_decode_b1_tok_s" in r:
+            ours = r.get("compiled_decode_b1_tok_s") or r["decode_b1_tok_s"]
+            rows.append(("peer decode batch 1", f"{r['peer_decode_b1_tok_s']:.1f} tok/s",
+                         f"{r['peer']}; ours / peer = {ours / r['peer_decode_b1_tok_s']:.2f}x"))
+        elif "peer_error" in r:
+            rows.append(("peer decode batch 1", "not run", r["peer_error"]))
     if "caption_first_batch_s" in r:
         steady = r["caption_images_s"]
         rows += [
@@ -329,6 +352,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--compiled-batches", type=int, nargs="+", default=[1, 32], help="batches timed compiled too")
     ap.add_argument("--eager-only", action="store_true", help="no compiled layers (cogvlm.speed)")
+    ap.add_argument("--no-peer", action="store_true", help="skip bench/peer.py (transformers' compiled Llama)")
     ap.add_argument("--caption-batch", type=int, default=32, help="0: skip the captioning run")
     ap.add_argument("--caption-tokens", type=int, default=64, help="new tokens per caption")
     ap.add_argument("--caption-images", type=int, default=256, help="JPEG files captioned")
