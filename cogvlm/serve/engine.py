@@ -5,9 +5,10 @@ One thread runs the loop below; requests come and go between its steps.
     admit   each waiting request takes a free row: its prompt is prefilled on its own (image and all), its keys and
             values written straight into its row's cache slots, ending at the shared current slot
     sample  the next token of every row from its last logits, with the row's own settings and generator
+    step    one forward pass for all rows, queued now (on a GPU it runs while the next line happens): each row feeds
+            its token at the shared slot, with its own rotary position
     emit    tokens -> text (stop strings held back, `cogvlm.chat.TextStream`); a row that ends (eos, stop string,
-            max_tokens) or whose client has gone leaves at once and frees its row
-    step    one forward pass for all rows: each feeds its token at the shared slot, with its own rotary position
+            max_tokens) or whose client has gone leaves and frees its row (its share of the queued step is wasted)
 
 The cache has room for one context per row (`capacity` slots, by default max_position_embeddings). All rows end
 at the shared slot `cur`; row r holds its tokens in slots [start_r, cur) and its key-validity mask is true there
@@ -106,6 +107,7 @@ class Engine:
         one_device = len({p.device for p in model.parameters()}) == 1  # a CUDA graph cannot span a device map
         self.use_graph = (device.type == "cuda" and one_device) if cuda_graph is None else cuda_graph
         self.graph = self.graph_logits = None
+        self.host_tokens = torch.empty(max_batch, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "steps": 0, "compactions": 0}
@@ -149,9 +151,12 @@ class Engine:
                     continue
                 try:
                     tokens = self._sample(active)
-                    self._emit(active, tokens)
-                    if self._active():
-                        self._step(tokens)
+                    values = self._to_host(tokens)
+                    self.seen[torch.arange(self.max_batch, device=self.device), tokens] = True
+                    # The next step is queued before the text is made, so that the GPU computes it while this thread
+                    # turns tokens into text and streams it; rows that end now took that step for nothing.
+                    self._step(tokens)
+                    self._emit(active, values())
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                     for row, job in self._active():
                         self._leave(row, "failed", ("error", f"generation failed: {type(e).__name__}: {e}"))
@@ -235,11 +240,19 @@ class Engine:
                                            for i, (_, job) in enumerate(members)])
         return tokens
 
-    def _emit(self, active: list[tuple[int, Job]], tokens: torch.Tensor) -> None:
+    def _to_host(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """Start copying `tokens` to the host; the function returned waits for that copy only (not for work queued
+        after it, such as the next step) and gives the list."""
+        if self.host_tokens is None:
+            return tokens.tolist
+        self.host_tokens.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return lambda: (copied.synchronize(), self.host_tokens.tolist())[1]
+
+    def _emit(self, active: list[tuple[int, Job]], values: list[int]) -> None:
         """Tokens -> text pieces; rows that end leave the batch. As `cogvlm.chat`: eos ends the text, a stop string
         cuts it, and max_tokens ends it with the held-back tail released."""
-        values = tokens.tolist()
-        self.seen[torch.arange(self.max_batch, device=self.device), tokens] = True
         for row, job in active:
             token = values[row]
             job.generated += 1
