@@ -7,15 +7,17 @@ are identical, so one compiled graph serves them all and compile time does not g
 then records the compiled decoder layers into its CUDA graph.
 
 Compiling costs tens of seconds once per process (and once more for the first new batch size), so it pays for long
-jobs: `cogvlm caption` and `cogvlm serve` turn it on for CUDA models; a one-off `ask` stays eager. The model files are
-not touched: only each block's `forward` is replaced, and `uncompile_layers` puts it back. If compilation fails (no
-Triton, an unsupported op) the block warns once and runs eagerly. `COGVLM_COMPILE=0` turns it off.
+jobs: `cogvlm caption` turns it on for CUDA models; a one-off `ask` stays eager, and so does the server for now (its
+engine's steps over changing rows and windows would recompile). The model files are not touched: only each block's
+`forward` is replaced, and `uncompile_layers` puts it back. If compilation fails (no Triton, an unsupported op) the
+block warns once and runs eagerly. `COGVLM_COMPILE=0` turns it off.
 """
 from __future__ import annotations
 
 import os
 import warnings
 
+import torch
 from torch import nn
 
 COMPILED = "_cogvlm_eager_forward"  # where a compiled block keeps its eager forward
@@ -43,8 +45,6 @@ def compile_layers(model: nn.Module, vision: bool = True, decoder: bool = True, 
     """Compile each ViT block (`vision`) and decoder layer (`decoder`) of `model` in place; returns the model.
     Calling it again does nothing; a kept decode session is dropped (its graph recorded the eager layers).
     `backend`: torch.compile's (tests pass their own)."""
-    import torch
-
     from .generate import release_session
 
     chosen = [*(model.vision.layers if vision else []), *(model.llm.layers if decoder else [])]
