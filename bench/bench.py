@@ -255,7 +255,8 @@ def run_caption(args, model=None) -> dict:
         result = run_caption_job(model, [images], Path(tmp) / "captions.jsonl", batch_size=args.caption_batch,
                                  generation=dict(max_new_tokens=args.caption_tokens), model_name="random weights",
                                  progress=False)
-    r = {"caption_images": result.captioned, "caption_batch": args.caption_batch,
+    r = {"caption_images": result.captioned, "caption_batch": result.batch_size,
+         "caption_batch_asked": args.caption_batch,
          "caption_tokens": args.caption_tokens, "caption_size": args.caption_size,
          "caption_first_batch_s": result.first_batch_seconds, "caption_total_s": result.seconds,
          "caption_images_s": result.steady_images_per_s}
@@ -353,7 +354,8 @@ def main() -> None:
     ap.add_argument("--compiled-batches", type=int, nargs="+", default=[1, 32], help="batches timed compiled too")
     ap.add_argument("--eager-only", action="store_true", help="no compiled layers (cogvlm.speed)")
     ap.add_argument("--no-peer", action="store_true", help="skip bench/peer.py (transformers' compiled Llama)")
-    ap.add_argument("--caption-batch", type=int, default=32, help="0: skip the captioning run")
+    ap.add_argument("--caption-batch", type=lambda v: v if v == "auto" else int(v), default=32,
+                    help="images per batch, or auto (cogvlm.batching, as `cogvlm caption` by default); 0: skip")
     ap.add_argument("--caption-tokens", type=int, default=64, help="new tokens per caption")
     ap.add_argument("--caption-images", type=int, default=256, help="JPEG files captioned")
     ap.add_argument("--caption-size", default="640x480", help="their width x height")

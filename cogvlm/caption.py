@@ -232,6 +232,7 @@ class CaptionResult:
     seconds: float = 0.0  # from the first image decoded to the last record written (the model loaded before)
     first_batch_seconds: float | None = None  # warm-up included: allocations, compilation, graph capture
     steady_images_per_s: float | None = None  # images per second after the first batch (None: one batch only)
+    batch_size: int | None = None  # as run (what --batch-size auto chose)
 
 
 def run_caption_job(model, paths: Iterable[str], out: str | os.PathLike, *, prompt: str | None = None,
@@ -289,6 +290,7 @@ def caption_batches(model, todo: Iterable[str], file, prompt, template, batch_si
     if batch_size == AUTO:  # the largest that the memory left after loading holds (cogvlm.batching)
         batch_size = auto_batch_size(model, prompt, template, generation.get("max_new_tokens"))
         bar.note(warn, f"batch size {batch_size} (--batch-size auto: from the memory free after loading)")
+    result.batch_size = batch_size
     start = monotonic()
     first_done = 0  # images finished by the end of the first batch
     batch: list[tuple[str, tuple | None, str | None]] = []  # (path, (pixels, (width, height)) or None, error or None)

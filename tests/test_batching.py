@@ -99,9 +99,9 @@ def test_the_caption_job_takes_auto(tmp_path, model, capsys):
     folder.mkdir()
     for i in range(10):
         (folder / f"{i:02d}.png").write_bytes(images[i % len(images)].read_bytes())
-    run_caption_job(Watched(), [folder], tmp_path / "c.jsonl", prompt=PROMPT, batch_size="auto",
-                    generation={"max_new_tokens": 4}, model_name="tiny", progress=True)
-    assert calls == [8, 2]  # a model on the CPU: batches of 8
+    result = run_caption_job(Watched(), [folder], tmp_path / "c.jsonl", prompt=PROMPT, batch_size="auto",
+                             generation={"max_new_tokens": 4}, model_name="tiny", progress=True)
+    assert calls == [8, 2] and result.batch_size == 8  # a model on the CPU: batches of 8
     assert "batch size 8 (--batch-size auto" in capsys.readouterr().err
     run_caption_job(Watched(), [folder], tmp_path / "quiet.jsonl", prompt=PROMPT, batch_size="auto",
                     generation={"max_new_tokens": 4}, model_name="tiny", progress=False)
