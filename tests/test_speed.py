@@ -2,6 +2,7 @@
 block of a kind, a compiler failure falls back to eager, and the switch is undone cleanly (CPU)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,19 @@ def test_pixels_given_as_a_tensor_are_taken_as_preprocessed(model):
     for bad in (torch.randn(3, size + 1, size), torch.zeros(3, size, size, dtype=torch.uint8)):
         with pytest.raises(ValueError, match=r"preprocessed pixels \(3, "):
             pixels_of(bad, size)
+
+
+def test_caption_no_compile_keeps_the_layers_eager(tmp_path, monkeypatch):
+    """`cogvlm caption --no-compile` turns compilation off for the job (COGVLM_COMPILE=0, which torchrun ranks inherit
+    too); without it the job's own rule applies (compile on a GPU)."""
+    import cogvlm.caption as caption_job
+    from cogvlm.cli import build_parser
+    from cogvlm.cli import caption as caption_cli
+
+    seen = []
+    monkeypatch.setattr(caption_job, "run_caption_job", lambda *a, **k: seen.append(os.environ.get("COGVLM_COMPILE")))
+    monkeypatch.setenv("COGVLM_COMPILE", "1")  # (monkeypatch puts the user's value back afterwards)
+    for extra in ([], ["--no-compile"]):
+        args = build_parser().parse_args(["caption", str(tmp_path), "--out", str(tmp_path / "c.jsonl"), *extra])
+        caption_cli.run(args)
+    assert seen == ["1", "0"]

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "64 (8 on the CPU) (default auto)")
     p.add_argument("--boxes", action="store_true",
                    help="also parse the boxes in each caption (grounding models) into the record, in 000-999 and pixels")
+    p.add_argument("--no-compile", action="store_true",
+                   help="on a GPU, keep the layers eager (compiling them costs seconds in the first batch and makes "
+                        "the rest faster; COGVLM_COMPILE=0 does the same)")
     p.add_argument("--retry-errors", action="store_true",
                    help="try images with an error record again (their old record is removed)")
     return p
@@ -54,6 +57,8 @@ def run(args) -> None:
     from ..caption_dist import JobLock, run_dist_caption_job, torchrun_device, use_dist
 
     say = None if args.quiet else lambda message: log(args, message)
+    if args.no_compile:
+        os.environ["COGVLM_COMPILE"] = "0"  # read by cogvlm.speed.compile_wanted, also on every torchrun rank
     distributed = use_dist(args.out)  # under torchrun, or to finish what a torchrun job left: docs/caption_dist.md
     if distributed:
         torchrun_device(args)  # cuda:LOCAL_RANK
