@@ -336,3 +336,14 @@ def test_tiny_shapes_model_is_small_and_answers_fresh_images(tmp_path):
     got = generate_answers(model, tok, prompts, model.cfg.template_version, model.cfg.num_image_tokens, 8)
     accuracy = sum(g == e for g, e in zip(got, expected)) / len(expected)
     assert accuracy >= 0.9, list(zip(got, expected))
+
+
+def test_coarser_trained_weights_than_the_compute_are_refused_before_anything_is_written(fixture_model_dir,
+                                                                                         shapes_data, tmp_path):
+    """bf16 master weights under fp32 compute cannot work (a bf16 parameter meets fp32 activations): one error that
+    names both options and the two ways out, before the model is loaded or the run folder made."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--trainable-dtype bf16 with fp32 compute.*--dtype bf16"):
+        Trainer(TrainConfig(data=str(shapes_data), out=str(out), model=str(fixture_model_dir), preset="full",
+                            steps=1, dtype="fp32", trainable_dtype="bf16", export=False))
+    assert not out.exists()

@@ -74,6 +74,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device, self.dtype = cfg.device_and_dtype()
         self.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
+        if self.autocast_dtype is None and cfg.trainable_dtype != "fp32":
+            raise ValueError(f"--trainable-dtype {cfg.trainable_dtype} with fp32 compute (--dtype fp32, the CPU's "
+                             "default): the trained weights would be coarser than the arithmetic around them; train "
+                             f"them in fp32 (leave --trainable-dtype out) or compute in {cfg.trainable_dtype} "
+                             f"(--dtype {cfg.trainable_dtype}, under autocast)")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
