@@ -197,8 +197,14 @@ def run_speed_mode(args) -> dict:
 
     inductor.coordinate_descent_tuning = not args.no_coordinate_descent
     dev = Device(args.device)
+    t0 = time.perf_counter()
+
+    def phase(name: str) -> None:  # on stderr as it happens, so a run cut short still shows where its time went
+        print(f"[{args.one}] {time.perf_counter() - t0:7.1f} s  {name}", file=sys.stderr, flush=True)
+
     cfg = CogVLMConfig.load(args.preset)
     model = random_model(cfg, device=dev.device)  # bf16, the same weights for every mode (seed 0)
+    phase("model made")
     ids, types, pixels = prompt(cfg, 1, args.text_tokens, dev.device)
     text = types[0] == 0
     never = -1  # no eos: every run decodes exactly the tokens asked for
@@ -206,10 +212,12 @@ def run_speed_mode(args) -> dict:
         ref_logits = model(ids, types, pixel_values=pixels).logits[0, text].float().cpu()
     ref_tokens = torch.tensor(model.generate(ids, types, pixel_values=pixels, max_new_tokens=args.decode_steps,
                                              eos_id=never)[0])
+    phase("bf16 reference")
     spec = parse_mode(args.one)
     if spec:
         quantize_model(model, spec)
         pack_model(model, torch.bfloat16)
+        phase("quantized")
     model.__dict__.pop("_decode_session", None)
     dev.reset()
     r = {"mode": args.one, "card": dev.name(), "torch": torch.__version__, "weights_GB": dev.allocated(),
@@ -221,6 +229,7 @@ def run_speed_mode(args) -> dict:
                                          eos_id=never)[0])
     r["greedy_agreement_vs_bf16"] = (tokens == ref_tokens).float().mean().item()
     r["greedy_first_divergence"] = int((tokens != ref_tokens).nonzero()[0]) if (tokens != ref_tokens).any() else None
+    phase("quality against bf16 (first generate: compilation, graph capture)")
 
     def timed(batch_ids, batch_types, batch_pixels, new):
         dev.sync()
@@ -238,6 +247,7 @@ def run_speed_mode(args) -> dict:
         r[f"ttft_b{batch}_ms"] = first * 1e3
         r[f"decode_b{batch}_tok_s"] = batch * args.decode_steps / (full - first)
         r[f"peak_b{batch}_GB"] = dev.peak()
+        phase(f"batch {batch} timed")
     return r
 
 
@@ -283,9 +293,9 @@ def run_children(args) -> list[dict]:
                "--text-tokens", str(args.text_tokens), "--decode-steps", str(args.decode_steps),
                "--batches", *map(str, args.batches)]
         cmd += ["--no-coordinate-descent"] if args.no_coordinate_descent else []
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (phases, errors) passes through
         if out.returncode:
-            rows.append({"mode": mode, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+            rows.append({"mode": mode, "error": f"exit status {out.returncode} (its messages are above)"})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
