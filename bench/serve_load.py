@@ -10,7 +10,8 @@ answered twice, greedy, max_tokens each:
   2. the server (the real app and engine, uvicorn in a thread on 127.0.0.1) with --max-batch N and N streaming
      clients started together: end-to-end tokens/s, the steady decode rate (tokens streamed per second while all N
      rows decode: from the last first token to the first finished answer), and time to first token per client.
-Both are warmed up first with the same requests (CUDA graph capture, compiled kernels). The target: server decode rate >= 70 % of
+Both are warmed up first with the same requests (CUDA graph capture, compiled kernels), and the server's cache has
+as many slots per row as chat_batch's decode session (`--max-context`), so both attend over the same window. The target: server decode rate >= 70 % of
 chat_batch's. Answers equal to chat_batch's are counted too (in bf16 a batch of other composition may round
 differently; in fp32 they are equal).
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cogvlm.chat import build_batch  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
-from cogvlm.generate import generate_tokens  # noqa: E402
+from cogvlm.generate import KEPT_SESSION, generate_tokens  # noqa: E402
 from cogvlm.tokenizer import Tokenizer  # noqa: E402
 
 QUESTIONS = ["Describe this image in detail.", "What is in the picture?", "What colours do you see?",
@@ -104,16 +105,16 @@ def run_chat_batch(model, images, queries, max_tokens: int, device: str) -> dict
             "decode_tok_s": (tokens - len(images)) / (end - first), "answers": answers}
 
 
-def start_server(model, batch: int):
+def start_server(model, batch: int, context: int):
     import uvicorn
 
     from cogvlm.serve.app import create_app
     from cogvlm.serve.config import ServeConfig
     from cogvlm.serve.engine import Engine
 
-    engine = Engine(model, max_batch=batch)
-    config = uvicorn.Config(create_app(engine, ServeConfig(max_batch=batch, port=0)), host="127.0.0.1", port=0,
-                            log_level="warning")
+    engine = Engine(model, max_batch=batch, capacity=context)  # = `cogvlm serve --max-batch B --max-context C`
+    config = uvicorn.Config(create_app(engine, ServeConfig(max_batch=batch, max_context=context, port=0)),
+                            host="127.0.0.1", port=0, log_level="warning")
     sock = config.bind_socket()
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="with --model")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-context", type=int, help="the server's cache slots per row (default: chat_batch's session)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     model = load(args)
@@ -195,7 +197,12 @@ def main() -> None:
         # so a smaller warm-up would leave the capture and kernel compilation inside the timed run.
         run_chat_batch(model, images, queries, args.max_tokens, args.device)
         base = run_chat_batch(model, images, queries, args.max_tokens, args.device)
-    server, engine, port = start_server(model, args.clients)
+    # The server's cache as long as chat_batch's decode session (its prompt + max_tokens, rounded up as sessions
+    # are), so that both attend over the same number of slots per step; --max-context sets another.
+    session = model.__dict__.get(KEPT_SESSION)
+    context = args.max_context or (session.capacity if session is not None else None)
+    r["max_context"] = context
+    server, engine, port = start_server(model, args.clients, context)
     try:
         run_server(port, images, queries, args.max_tokens)  # warm-up: graph capture, compiled kernels
         served = run_server(port, images, queries, args.max_tokens)
