@@ -11,12 +11,13 @@ answered twice, greedy, max_tokens each:
      clients started together: end-to-end tokens/s, the steady decode rate (tokens streamed per second while all N
      rows decode: from the last first token to the first finished answer), and time to first token per client.
 Both are warmed up first with the same requests (CUDA graph capture, compiled kernels), and the server's cache has
-as many slots per row as chat_batch's decode session (`--max-context`), so both attend over the same window. The target: server decode rate >= 70 % of
-chat_batch's. Answers equal to chat_batch's are counted too (in bf16 a batch of other composition may round
-differently; in fp32 they are equal).
+as many slots per row as chat_batch's decode session (`--max-context`), so both attend over the same window. The
+target: server decode rate >= 70 % of chat_batch's. Answers equal to chat_batch's are counted too (in bf16 a batch
+of other composition may round differently; in fp32 they are equal).
 
 The GPU machine has no FastAPI: carry wheels (see the device notes) of fastapi, starlette, pydantic, pydantic-core,
-annotated-types, typing-inspection and uvicorn, and put them on PYTHONPATH.
+annotated-types, typing-inspection, uvicorn and opentelemetry-api (FastAPI 0.165 imports it), and put them on
+PYTHONPATH.
 """
 from __future__ import annotations
 
