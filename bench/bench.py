@@ -341,7 +341,7 @@ def main() -> None:
              "torch": torch.__version__, "preset": args.preset, **run_caption(args)}
     else:
         r = run_speed(args)
-    r["batches"] = sorted(set(args.batches) | set(getattr(args, "compiled_batches", [])))
+    r["batches"] = sorted(set(args.batches) | set(args.compiled_batches))
     r["date"] = time.strftime("%Y-%m-%d")
     r["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     r["command"] = " ".join(sys.argv)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cogvlm.chat import build_batch  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
-from cogvlm.generate import KEPT_SESSION, generate_tokens  # noqa: E402
+from cogvlm.generate import generate_tokens, session_length  # noqa: E402
 from cogvlm.tokenizer import Tokenizer  # noqa: E402
 
 QUESTIONS = ["Describe this image in detail.", "What is in the picture?", "What colours do you see?",
@@ -101,8 +101,8 @@ def run_chat_batch(model, images, queries, max_tokens: int, device: str) -> dict
     end = time.perf_counter()
     answers = model.chat_batch([Image.open(io.BytesIO(b)) for b in images], queries, batch_size=len(images),
                                max_new_tokens=max_tokens)
-    return {"tokens": tokens, "seconds": end - start, "ttft_s": first - start,
-            "end_to_end_tok_s": tokens / (end - start),
+    return {"prompt_tokens": batch["input_ids"].shape[1], "tokens": tokens, "seconds": end - start,
+            "ttft_s": first - start, "end_to_end_tok_s": tokens / (end - start),
             "decode_tok_s": (tokens - len(images)) / (end - first), "answers": answers}
 
 
@@ -200,8 +200,7 @@ def main() -> None:
         base = run_chat_batch(model, images, queries, args.max_tokens, args.device)
     # The server's cache as long as chat_batch's decode session (its prompt + max_tokens, rounded up as sessions
     # are), so that both attend over the same number of slots per step; --max-context sets another.
-    session = model.__dict__.get(KEPT_SESSION)
-    context = args.max_context or (session.capacity if session is not None else None)
+    context = args.max_context or session_length(model, base["prompt_tokens"] + args.max_tokens)
     r["max_context"] = context
     server, engine, port = start_server(model, args.clients, context)
     try:

@@ -40,7 +40,7 @@ def auto_batch_size(model, prompt: str, template: str, max_new_tokens: int | Non
     """The batch size for captioning with `model` as loaded (on one GPU, several, or the CPU): one image and
     `prompt` per row, `max_new_tokens` each (None: up to the context limit)."""
     from .chat import tokenizer_of
-    from .generate import SESSION_LENGTH_STEP
+    from .generate import session_length
     from .parallel.device_map import block_names
     from .prompt import build_inputs
 
@@ -51,8 +51,7 @@ def auto_batch_size(model, prompt: str, template: str, max_new_tokens: int | Non
     limit = cfg.text.max_position_embeddings
     prompt_tokens = build_inputs(tokenizer_of(model), prompt, None, template, cfg.num_image_tokens,
                                  max_length=limit)["input_ids"].numel()
-    context = limit if max_new_tokens is None else min(limit, prompt_tokens + max_new_tokens)
-    context = min(limit, -(-context // SESSION_LENGTH_STEP) * SESSION_LENGTH_STEP)  # as the session rounds it
+    context = session_length(model, limit if max_new_tokens is None else min(limit, prompt_tokens + max_new_tokens))
     free = {d: _free_bytes(torch.device(d)) for d in set(placement.values())}
     return max(1, min(cap, rows_that_fit(cfg, free, placement, context, model.dtype)))
 

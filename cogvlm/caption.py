@@ -41,7 +41,7 @@ from .image import ImageError, load_image, preprocess
 from .speed import compile_layers, compile_wanted
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_PROMPTS", "default_prompt", "find_images", "CaptionFile", "CaptionResult",
-           "run_caption_job", "caption_batches", "ProgressBar", "speed"]
+           "run_caption_job", "caption_batches", "ProgressBar"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

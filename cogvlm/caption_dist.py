@@ -3,12 +3,12 @@
 Each rank loads its own model (cuda:LOCAL_RANK, or as --device / --device-map say) and runs the one batch loop of
 `cogvlm.caption` (decoding in worker threads, one `chat_batch` per batch); this module shares out and puts together
 (docs/caption_dist.md). Rank 0 takes `OUT.lock`, counts the records in OUT and in the parts earlier runs left in
-`OUT.parts/` as done, and puts the rest into torchrun's key-value store in chunks of one batch (64 images with
-`--batch-size auto`, each rank choosing its own batch). A rank takes the next chunk by an atomic counter there
-(`store.add`) when its decoding workers need more images: a slow rank takes fewer; no chunk is handed out twice. Each rank appends to its own part
-(a `CaptionFile`: one write per line, fsync per batch), so a SIGKILLed rank loses at most its batch in flight, and a
-rerun with any number of ranks or nodes goes on from the records. At the end rank 0 merges OUT and the parts into OUT,
-one line per image in the input's order, through a temporary file renamed over OUT, then removes the parts.
+`OUT.parts/` as done, and puts the rest into torchrun's key-value store in chunks of one batch (64 images for
+`--batch-size auto`). A rank takes the next chunk by an atomic counter there (`store.add`) when its decoding workers
+need more images: a slow rank takes fewer; no chunk is handed out twice. Each rank appends to its own part (a
+`CaptionFile`: one write per line, fsync per batch), so a SIGKILLed rank loses only its batch in flight, and a rerun
+with any number of ranks or nodes goes on from the records. At the end rank 0 merges OUT and the parts into OUT, one
+line per image in the input's order, through a temporary file renamed over OUT, then removes the parts.
 
 No process group is made: the store carries a plan and counters (JSON, nothing unpickled), no tensors, so no collective
 makes ranks wait for each other and GPUs hold no NCCL buffers.
@@ -248,7 +248,7 @@ class _Job:
             done = {r["image"] for r in records if "caption" in r or not retry_errors}
             todo = [path for path in images if path not in done]
             result = CaptionResult(len(images), skipped=len(images) - len(todo))
-            size = MAX_BATCH if self.batch_size == AUTO else self.batch_size
+            size = MAX_BATCH if self.batch_size == AUTO else self.batch_size  # (auto: each rank picks its batch)
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
             plan = {"chunks": len(chunks), "run": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                     "prompt": next((r.get("prompt") for r in records if "caption" in r), None)}

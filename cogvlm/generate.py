@@ -179,11 +179,16 @@ def session_for(model: CogVLM, batch_size: int, max_len: int, cuda_graph: bool |
         return kept
     model.__dict__.pop(KEPT_SESSION, None)  # free its caches before allocating the new ones
     kept = None
-    limit = model.cfg.text.max_position_embeddings
-    length = max_len if max_len > limit else min(limit, -(-max_len // SESSION_LENGTH_STEP) * SESSION_LENGTH_STEP)
-    session = DecodeSession(model, batch_size, length, cuda_graph, cache_dtype)
+    session = DecodeSession(model, batch_size, session_length(model, max_len), cuda_graph, cache_dtype)
     model.__dict__[KEPT_SESSION] = session
     return session
+
+
+def session_length(model: CogVLM, max_len: int) -> int:
+    """The cache length `session_for` gives a request of `max_len` tokens: rounded up to SESSION_LENGTH_STEP, at
+    most max_position_embeddings (a longer request is left as it is, for DecodeSession to refuse)."""
+    limit = model.cfg.text.max_position_embeddings
+    return max_len if max_len > limit else min(limit, -(-max_len // SESSION_LENGTH_STEP) * SESSION_LENGTH_STEP)
 
 
 def release_session(model: CogVLM) -> None:

@@ -7,10 +7,10 @@ are identical, so one compiled graph serves them all and compile time does not g
 then records the compiled decoder layers into its CUDA graph.
 
 Compiling costs seconds once per process and batch size (on an H200 the first caption batch of 32 took 11.2 s
-instead of 3.8), so it pays for long jobs: `cogvlm caption` turns it on for CUDA models; a one-off `ask` stays eager, and so does the server for now (its
-engine's steps over changing rows and windows would recompile). The model files are not touched: only each block's
-`forward` is replaced, and `uncompile_layers` puts it back. If compilation fails (no Triton, an unsupported op) the
-block warns once and runs eagerly. `COGVLM_COMPILE=0` turns it off.
+instead of 3.8), so it pays for long jobs: `cogvlm caption` turns it on for CUDA models; a one-off `ask` stays
+eager, and so does the server for now (its engine's steps over changing rows and windows would recompile). The model
+files are not touched: only each block's `forward` is replaced, and `uncompile_layers` puts it back. If compilation
+fails (no Triton, an unsupported op) the block warns once and runs eagerly. `COGVLM_COMPILE=0` turns it off.
 """
 from __future__ import annotations
 
@@ -40,15 +40,13 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.vision.layers, *model.llm.layers]
 
 
-def compile_layers(model: nn.Module, vision: bool = True, decoder: bool = True, backend: str | object = "inductor"
-                   ) -> nn.Module:
-    """Compile each ViT block (`vision`) and decoder layer (`decoder`) of `model` in place; returns the model.
-    Calling it again does nothing; a kept decode session is dropped (its graph recorded the eager layers).
-    `backend`: torch.compile's (tests pass their own)."""
+def compile_layers(model: nn.Module, backend: str | object = "inductor") -> nn.Module:
+    """Compile each ViT block and decoder layer of `model` in place; returns the model. Calling it again does
+    nothing; a kept decode session is dropped (its graph recorded the eager layers). `backend`: torch.compile's
+    (tests pass their own)."""
     from .generate import release_session
 
-    chosen = [*(model.vision.layers if vision else []), *(model.llm.layers if decoder else [])]
-    for block in chosen:
+    for block in blocks(model):
         if COMPILED in block.__dict__:
             continue
         eager = block.forward
@@ -97,4 +95,4 @@ def _guarded(compiled, eager, kind: str):
 def _is_compiler_error(e: Exception) -> bool:
     """Errors raised by dynamo/inductor/triton, not by the computation itself (a bad shape, out of memory)."""
     module = type(e).__module__ or ""
-    return module.startswith(("torch._dynamo", "torch._inductor", "triton")) or "BackendCompilerFailed" in type(e).__name__
+    return module.startswith(("torch._dynamo", "torch._inductor", "triton"))
