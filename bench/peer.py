@@ -6,8 +6,8 @@ torch.compile), for bench/bench.py to print our ratio to it.
 CogVLM's decode step reads only its language path, which has Vicuna-7B's shapes; so the peer is `LlamaForCausalLM`
 with the preset's text sizes, random bf16 weights made on the GPU, and a prompt of `--context` text tokens (the KV
 cache then holds as many positions as ours after one image and 24 text tokens). Decode rate: `generate` (greedy,
-exactly N new tokens, `cache_implementation="static"`, the forward compiled with mode="reduce-overhead", as the
-transformers docs recommend), (T(1 + N new) - T(1 new)) / N after two warm-up runs. Needs transformers (the device's
+exactly N new tokens, `cache_implementation="static"`, with which `generate` compiles its decode step itself,
+mode="reduce-overhead"), (T(1 + N new) - T(1 new)) / N after two warm-up runs. Needs transformers (the device's
 image has it; it is no dependency of this project). `--no-compile --device cpu` is a smoke run.
 """
 from __future__ import annotations
@@ -81,10 +81,12 @@ def main() -> None:
     text = CogVLMConfig.load(args.preset).text
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build(text, args.device, dtype)
-    if not args.no_compile:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    # With a static cache on a GPU, `generate` compiles the decode step itself (its CompileConfig: inductor,
+    # "reduce-overhead", i.e. CUDA graphs); compiling `forward` on top of that breaks its graphs (transformers 5.17).
+    model.generation_config.disable_compile = args.no_compile
     r = {"peer": f"transformers {transformers.__version__} LlamaForCausalLM, static cache"
-         + ("" if args.no_compile else " + torch.compile"), "context": args.context, "new_tokens": args.new_tokens}
+         + ("" if args.no_compile else " + generate's own torch.compile"), "context": args.context,
+         "new_tokens": args.new_tokens}
     with torch.no_grad():
         for batch in args.batches:
             r[f"decode_b{batch}_tok_s"] = decode_rate(model, batch, args.context, args.new_tokens, args.device)

@@ -12,7 +12,8 @@ and peak allocated memory at batch 1 (one 490 px image + 24 text tokens + 128 ne
 decode tok/s at each batch (`generate`, as users run it: (T(1 + n new) - T(1 new)) / n), and the quality against
 bf16 (logits relative error, greedy-token agreement). Each mode runs in its own process, so memory figures do not
 mix. Inductor's coordinate-descent tuning is turned on (the gpt-fast setting under which int8's product compiles
-to one kernel; `--no-coordinate-descent` to compare).
+to one kernel; `--no-coordinate-descent` to compare). `--compiled`: each ViT block and decoder layer compiled
+(`cogvlm.speed.compile_layers`), as `cogvlm caption` runs on a GPU; bf16 is then compiled too.
 `qlora` runs bench/finetune_step.py's step (one 490 px image + 24 prompt + 32 answer tokens, bf16 autocast, fused
 AdamW, 3 steps) with `--preset lora` over the quantized base in the plain layout, gradient checkpointing on: peak
 allocated memory (target for int4: <= 22 GB) and step time.
@@ -38,6 +39,7 @@ from cogvlm.model import CogVLM as Network  # noqa: E402
 from cogvlm.quantize import QuantSpec, pack_model, quantize_model, target_patterns, weight_bytes  # noqa: E402
 from cogvlm.swap import select  # noqa: E402
 from cogvlm.meta import meta_device  # noqa: E402
+from cogvlm.speed import compile_layers  # noqa: E402
 
 GB = 1e9
 
@@ -218,9 +220,12 @@ def run_speed_mode(args) -> dict:
         quantize_model(model, spec)
         pack_model(model, torch.bfloat16)
         phase("quantized")
+    if args.compiled:  # as `cogvlm caption` runs on a GPU (cogvlm.speed); compiled by the first calls below
+        compile_layers(model)
     model.__dict__.pop("_decode_session", None)
     dev.reset()
-    r = {"mode": args.one, "card": dev.name(), "torch": torch.__version__, "weights_GB": dev.allocated(),
+    r = {"mode": args.one, "compiled": args.compiled, "card": dev.name(), "torch": torch.__version__,
+         "weights_GB": dev.allocated(),
          "prompt_tokens": ids.shape[1]}
     with torch.no_grad():
         logits = model(ids, types, pixel_values=pixels).logits[0, text].float().cpu()
@@ -293,6 +298,7 @@ def run_children(args) -> list[dict]:
                "--text-tokens", str(args.text_tokens), "--decode-steps", str(args.decode_steps),
                "--batches", *map(str, args.batches)]
         cmd += ["--no-coordinate-descent"] if args.no_coordinate_descent else []
+        cmd += ["--compiled"] if args.compiled else []
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (phases, errors) passes through
         if out.returncode:
             rows.append({"mode": mode, "error": f"exit status {out.returncode} (its messages are above)"})
@@ -311,7 +317,7 @@ def print_speed(rows: list[dict], batches: list[int]) -> None:
             print(f"| {r['mode']} | failed: {r['error']} |")
             continue
         rel = (lambda k: f" ({r[k] / base[k]:.2f}x)") if base else (lambda k: "")
-        cells = [r["mode"], f"{r['weights_GB']:.1f} GB", f"{r['peak_b1_GB']:.1f} GB",
+        cells = [r["mode"] + (" (compiled)" if r.get("compiled") else ""), f"{r['weights_GB']:.1f} GB", f"{r['peak_b1_GB']:.1f} GB",
                  f"{r['ttft_b1_ms']:.0f} ms{rel('ttft_b1_ms')}"]
         cells += [f"{r[f'decode_b{b}_tok_s']:.0f} tok/s{rel(f'decode_b{b}_tok_s')}" for b in batches]
         cells += [f"{r['logits_rel_err_vs_bf16'] * 100:.2f} %", f"{r['greedy_agreement_vs_bf16'] * 100:.0f} %"]
@@ -338,6 +344,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-coordinate-descent", action="store_true")
+    ap.add_argument("--compiled", action="store_true", help="speed: compile the layers, as `cogvlm caption` does")
     ap.add_argument("--model", default=str(ROOT / "examples" / "tiny-shapes"), help="accuracy: the model folder")
     ap.add_argument("--n", type=int, default=300, help="accuracy: fresh Shapes images (3 questions each)")
     ap.add_argument("--seed", type=int, default=1234, help="accuracy: their seed (docs/finetune.md uses 1234)")

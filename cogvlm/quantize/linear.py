@@ -99,7 +99,7 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([nibbles >> 4, nibbles & 15], dim=-1).view(nibbles.shape[0], -1)
 
 
-@fused  # one kernel on CUDA (in a `fused_kernels()` block), the same function eagerly elsewhere
+@fused(static=(0, 1, 2))  # one kernel on CUDA (in a `fused_kernels()` block), the plain function elsewhere
 def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
     """The (out, in) weight in `dtype`, computed in fp32 and rounded once."""
     codes = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).view(*scales.shape, -1).float()
@@ -107,7 +107,7 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return w.view(nibbles.shape[0], -1).to(dtype)
 
 
-@fused  # compiled inside the graph-captured decode step: inductor reads only the int8 bytes at batch 1
+@fused(static=(1, 2))  # compiled in the graph-captured decode step: at batch 1 it reads only the int8 bytes
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if _is_compiling() and x.numel() == x.shape[-1]:
         # One row: spelled as the reduction inductor turns it into (its own rewrite of a one-row product needs
