@@ -117,7 +117,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 def int8_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     # One row, spelled as the reduction inductor turns it into (its own rewrite of a one-row product needs
     # coordinate-descent tuning on), so the conversion fuses into it and only the int8 bytes are read. Several rows
-    # stay a conversion and a GEMM: compiled at batch 8 this ran at a twentieth of that speed (H200, 2026-12-02).
+    # stay an eager conversion and GEMM: compiled here, batch 8 decoded 52.7 tok/s on an H200 (bf16: 1248).
     if not _is_compiling():
         return F.linear(x, weight.to(x.dtype)) * scales
     return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1) * scales
