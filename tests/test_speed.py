@@ -121,3 +121,38 @@ def test_caption_no_compile_keeps_the_layers_eager(tmp_path, monkeypatch):
         args = build_parser().parse_args(["caption", str(tmp_path), "--out", str(tmp_path / "c.jsonl"), *extra])
         caption_cli.run(args)
     assert seen == ["1", "0"]
+
+
+def test_half_precision_addmm_is_never_split_from_its_bias():
+    """Inductor's rewrite of addmm into matmul + bias add (GPU only) rounds the bf16 product before the bias: the
+    wrapped check refuses bf16/fp16 biases, defers to the original for fp32, and wraps each entry once."""
+    from types import SimpleNamespace
+
+    from torch._inductor.fx_passes import post_grad
+
+    from cogvlm.speed import gate_half_dtypes, keep_addmm_fused
+
+    real = [e for entries in post_grad.pass_patterns[2].patterns.values() for e in entries
+            if getattr(e, "handler", None) is post_grad.unfuse_bias_add_to_pointwise]
+    assert real, "this torch no longer has the rewrite where cogvlm.speed looks for it"
+    keep_addmm_fused()
+    import torch._inductor.config as inductor
+    assert getattr(inductor, "keep_addmm_fused_for_half_dtypes", True) is True
+
+    asked = []
+    original = lambda match: asked.append(match) or True  # noqa: E731 - the rewrite's own check: "split it"
+    def handler(*args):
+        pass
+    entry, other = SimpleNamespace(handler=handler, extra_check=original), SimpleNamespace(handler=None,
+                                                                                          extra_check=original)
+    patterns = SimpleNamespace(patterns={"addmm": [entry, other]})
+    assert gate_half_dtypes(patterns, handler) == 1
+    assert gate_half_dtypes(patterns, handler) == 0  # not wrapped twice
+    assert other.extra_check is original
+
+    def match(dtype):
+        return SimpleNamespace(kwargs={"inp": SimpleNamespace(meta={"val": torch.zeros(2, dtype=dtype)})})
+    assert entry.extra_check(match(torch.bfloat16)) is False
+    assert entry.extra_check(match(torch.float16)) is False
+    assert not asked
+    assert entry.extra_check(match(torch.float32)) is True and len(asked) == 1
