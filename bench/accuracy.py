@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import make_prompt  # noqa: E402
@@ -63,7 +64,9 @@ def run(preset: str, device: str, eager_only: bool) -> dict:
             refs[kind] = logits, {k: v.cpu() for k, v in trace.items()}
         model.set_dtype(torch.bfloat16)
         r: dict = {"card": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                   "torch": torch.__version__, "preset": preset}
+                   "torch": torch.__version__, "preset": preset,
+                   # whether this torch's inductor has its own switch that keeps bf16 addmm fused (cogvlm.speed)
+                   "inductor_has_keep_addmm_fused": hasattr(inductor, "keep_addmm_fused_for_half_dtypes")}
         for label in ("eager", "compiled"):
             if label == "compiled":
                 if eager_only:
