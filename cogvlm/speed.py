@@ -60,10 +60,11 @@ def compile_layers(model: nn.Module, backend: str | object = "inductor") -> nn.M
 def keep_addmm_fused() -> None:
     """Keep inductor from splitting a bf16/fp16 `addmm` (a linear layer with a bias) into a matmul and a separate bias
     add when only element-wise ops follow: that rounds the product to bf16 before the bias is added, one extra
-    rounding per such layer (the ViT's four linears, the vision expert's QKV), which compounds over 63 layers. On an
-    H200 with torch 2.11 the compiled layers were 7.60 % from fp32 against 6.62 % eager (bench/accuracy.py). Newer
-    torch keeps half-precision addmm fused by default (`keep_addmm_fused_for_half_dtypes`); for older ones the
-    rewrite's check is wrapped to refuse bf16/fp16 inputs, as the newer check does."""
+    rounding per such layer (the ViT's four linears, the vision expert's QKV), which compounds over 63 layers (a
+    candidate cause of the compiled layers' 7.60 % from fp32 against 6.62 % eager on an H200 with torch 2.11,
+    bench/accuracy.py; not confirmed). Newer torch keeps half-precision addmm fused by default
+    (`keep_addmm_fused_for_half_dtypes`); for older ones the rewrite's check is wrapped to refuse bf16/fp16 inputs,
+    as the newer check does."""
     import torch._inductor.config as inductor
 
     if hasattr(inductor, "keep_addmm_fused_for_half_dtypes"):
