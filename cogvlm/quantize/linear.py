@@ -40,13 +40,13 @@ from torch import nn
 
 from ..fusion import fused, fused_kernels
 from ..shards import CheckpointError
+from . import triton_mm
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm supports
 SCALE_DTYPE = torch.bfloat16
 _TINY = torch.finfo(SCALE_DTYPE).tiny  # the smallest scale: an all-zero row or group gets codes 0
 _CHUNK = 1 << 24  # elements quantized at a time, so that quantizing a big matrix needs little temporary memory
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # (torch < 2.3 has no such function)
 
 
 # ------------------------------------------------------------------------------------------------- arithmetic
@@ -108,19 +108,10 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if x.numel() == x.shape[-1] and x.is_cuda:
-        return int8_row(x, weight, scales)
+    if triton_mm.available(x):
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return torch.ops.cogvlm.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
     return F.linear(x, weight.to(x.dtype)) * scales
-
-
-@fused(static=(1, 2))  # compiled in the graph-captured decode step (and inside compiled layers): one kernel
-def int8_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    # One row, spelled as the reduction inductor turns it into (its own rewrite of a one-row product needs
-    # coordinate-descent tuning on), so the conversion fuses into it and only the int8 bytes are read. Several rows
-    # stay an eager conversion and GEMM: compiled here, batch 8 decoded 52.7 tok/s on an H200 (bf16: 1248).
-    if not _is_compiling():
-        return F.linear(x, weight.to(x.dtype)) * scales
-    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1) * scales
 
 
 class _FrozenProduct(torch.autograd.Function):
@@ -151,7 +142,8 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
     """The int4 kernel to pack for ("cuda" or "cpu"), or None to keep the plain layout (see the module docstring)."""
     if dtype != torch.bfloat16:
         return None
-    if device.type == "cuda" and out_features % 16 == 0:  # tinygemm's n-tile: 8 on NVIDIA, 16 on ROCm
+    if device.type == "cuda" and out_features % 16 == 0 and not triton_mm.enabled():  # (tinygemm's n-tile: 8 on
+        # NVIDIA, 16 on ROCm) with Triton the plain layout serves every size: `cogvlm.quantize.triton_mm`
         return "cuda"
     if device.type == "cpu" and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
@@ -318,6 +310,9 @@ class Int4Linear(QuantizedLinear):
         return torch.cat(parts).t().round().to(torch.uint8).to(self.packed.device)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None and triton_mm.available(x):
+            flat = x.reshape(-1, self.in_features).contiguous()
+            return torch.ops.cogvlm.int4_mm(flat, self.weight, self.scales, self.zeros).view(*x.shape[:-1], -1)
         if self.kernel is None:
             return F.linear(x, self.dequantize(x.dtype))
         if x.device.type != self.kernel:

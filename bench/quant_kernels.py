@@ -1,0 +1,118 @@
+"""The quantized products alone, at CogVLM's shapes: Triton int8/int4 (`cogvlm.quantize.triton_mm`) against bf16
+cuBLAS, tinygemm (torch's int4 kernel) and dequantize-then-GEMM, with the copy bandwidth measured in the same run.
+
+    python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--json OUT]
+
+Each product is timed inside a CUDA graph of 20 launches (as the decode step replays them), after its autotuning.
+GB/s counts the bytes of the weight in its own format (bf16: 2 per value, int8: 1 + scales, int4: 1/2 + groups);
+the speedup is against bf16 at the same shape and rows. Each result is checked against the dequantized weight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cogvlm.config import CogVLMConfig  # noqa: E402
+from cogvlm.fusion import fused_kernels  # noqa: E402
+from cogvlm.quantize import triton_mm  # noqa: E402
+from cogvlm.quantize.linear import dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
+
+
+def graph_time(fn, reps: int = 20, rounds: int = 5) -> float:
+    """Seconds per call of `fn`, replayed from a CUDA graph of `reps` calls (best of `rounds`)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()  # autotuning and allocator warm-up happen here, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / reps)
+    return best
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / graph_time(lambda: b.copy_(a), reps=5) / 1e9
+
+
+def shapes(cfg: CogVLMConfig) -> list[tuple[str, int, int]]:
+    t, v = cfg.text, cfg.vision
+    return [("qkv", t.hidden_size, 3 * t.hidden_size), ("dense", t.hidden_size, t.hidden_size),
+            ("gate_up", t.hidden_size, 2 * t.intermediate_size), ("down", t.intermediate_size, t.hidden_size),
+            ("ViT fc1", v.hidden_size, v.intermediate_size), ("ViT fc2", v.intermediate_size, v.hidden_size)]
+
+
+def candidates(w: torch.Tensor, group: int):
+    """name -> (function of x, weight bytes, dequantized reference weight)."""
+    q8, q4 = quantize_int8(w), quantize_int4(w, group)
+    w8 = (q8["weight"].float() * q8["scales"].float()[:, None]).bfloat16()
+    w4 = dequantize_int4(q4["weight"], q4["scales"], q4["zeros"], torch.bfloat16)
+    n4 = q4["weight"].numel() + 4 * q4["scales"].numel()
+    out = {"bf16": (lambda x: F.linear(x, w), 2 * w.numel(), w),
+           "int8 triton": (lambda x: torch.ops.cogvlm.int8_mm(x, q8["weight"], q8["scales"]), w.numel(), w8),
+           "int8 convert+GEMM": (lambda x: F.linear(x, q8["weight"].to(x.dtype)) * q8["scales"], w.numel(), w8),
+           "int4 triton": (lambda x: torch.ops.cogvlm.int4_mm(x, q4["weight"], q4["scales"], q4["zeros"]), n4, w4),
+           "int4 dequant+GEMM": (lambda x: F.linear(x, dequantize_int4(q4["weight"], q4["scales"], q4["zeros"],
+                                                                      x.dtype)), n4, w4)}
+    if w.shape[0] % 16 == 0:
+        tiles = next(t for t in (8, 4, 2) if w.shape[1] % (t * 16) == 0)
+        packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)
+        sz = torch.stack([q4["scales"], q4["zeros"]], -1).transpose(0, 1).contiguous()
+        out["int4 tinygemm"] = (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), n4, w4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cogvlm-chat-hf")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 28, 64])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    cfg = CogVLMConfig.from_name(args.preset)
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {bw:.0f} GB/s", flush=True)
+    results = []
+    for name, K, N in shapes(cfg):
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        for rows in args.rows:
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            base = None
+            for kind, (fn, nbytes, ref) in candidates(w, args.group_size).items():
+                with fused_kernels():  # the dequantization compiled, as in a decode step or compiled layers
+                    s = graph_time(lambda: fn(x))
+                y, want = fn(x).float(), F.linear(x.float(), ref.float())
+                err = ((y - want).norm() / want.norm()).item()
+                base = base or s
+                results.append({"shape": name, "K": K, "N": N, "rows": rows, "kernel": kind, "us": s * 1e6,
+                                "GB_s": nbytes / s / 1e9, "of_copy": nbytes / s / 1e9 / bw, "vs_bf16": base / s,
+                                "rel_err": err})
+                r = results[-1]
+                print(f"{name:8s} {K:5d}->{N:5d} M={rows:3d} {kind:18s} {r['us']:8.1f} us {r['GB_s']:6.0f} GB/s "
+                      f"({r['of_copy']:4.0%} of copy) {r['vs_bf16']:5.2f}x bf16  err {err:.1e}", flush=True)
+            del x
+    if args.json:
+        args.json.write_text(json.dumps({"copy_GB_s": bw, "card": torch.cuda.get_device_name(),
+                                         "torch": torch.__version__, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The Triton int8/int4 kernels (`cogvlm.quantize.triton_mm`) against the dequantized weight, run in Triton's CPU
+interpreter (in a child process: the interpreter is chosen when the kernels are defined), for every configuration
+each kernel autotunes over, on shapes that leave partial tiles. The interpreter computes `tl.dot` through numpy,
+which has no bf16, so the several-row kernels are checked in fp16 (their code does not depend on the dtype); and it
+rounds to bf16 by truncation, so the bound is the dtype's epsilon rather than half of it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_every_config() -> None:
+    from cogvlm.quantize import triton_mm as T
+    from cogvlm.quantize.linear import dequantize_int4, quantize_int4, quantize_int8
+
+    assert T.INTERPRETED
+    torch.manual_seed(0)
+    N, K, G = 40, 320, 32  # N and K not multiples of the blocks: partial tiles
+    w = torch.randn(N, K) * 0.05
+    q8, q4 = quantize_int8(w), quantize_int4(w, G)
+    for config in range(8):
+        T.interpreted_config = config
+        for rows, dtype in ((1, torch.bfloat16), (1, torch.float16), (3, torch.float16), (19, torch.float16)):
+            x = torch.randn(rows, K).to(dtype)
+            w8 = (q8["weight"].float() * q8["scales"].float()[:, None]).to(dtype)
+            w4 = dequantize_int4(q4["weight"], q4["scales"], q4["zeros"], dtype)
+            for name, y, ref_w in (("int8", T.launch_int8(x, q8["weight"], q8["scales"]), w8),
+                                   ("int4", T.launch_int4(x, q4["weight"], q4["scales"], q4["zeros"]), w4)):
+                want = F.linear(x.float(), ref_w.float())
+                err = ((y.float() - want).norm() / want.norm()).item()
+                assert y.shape == (rows, N) and y.dtype == dtype
+                assert err < torch.finfo(dtype).eps, f"{name} config {config} rows {rows} {dtype}: relative error {err:.2e}"
+
+
+def test_kernels_match_the_dequantized_weight_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", "import tests.test_triton_mm as t; t.check_every_config()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_kernels_are_off_on_the_cpu_and_with_cogvlm_triton_0(monkeypatch):
+    from cogvlm.quantize import triton_mm as T
+
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert T.enabled() and not T.available(x)  # CPU tensors take torch's own kernels
+    monkeypatch.setenv("COGVLM_TRITON", "0")
+    assert not T.enabled()
