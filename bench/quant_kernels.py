@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench import copy_bandwidth  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.fusion import fused_kernels  # noqa: E402
 from cogvlm.quantize import triton_mm  # noqa: E402
@@ -47,12 +48,6 @@ def graph_time(fn, reps: int = 20, rounds: int = 5) -> float:
     return best
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / graph_time(lambda: b.copy_(a), reps=5) / 1e9
-
-
 def shapes(cfg: CogVLMConfig) -> list[tuple[str, int, int]]:
     t, v = cfg.text, cfg.vision
     return [("qkv", t.hidden_size, 3 * t.hidden_size), ("dense", t.hidden_size, t.hidden_size),
@@ -60,7 +55,7 @@ def shapes(cfg: CogVLMConfig) -> list[tuple[str, int, int]]:
             ("ViT fc1", v.hidden_size, v.intermediate_size), ("ViT fc2", v.intermediate_size, v.hidden_size)]
 
 
-def candidates(w: torch.Tensor, group: int):
+def candidates(w: torch.Tensor, group: int, rows: int):
     """name -> (function of x, weight bytes, dequantized reference weight)."""
     q8, q4 = quantize_int8(w), quantize_int4(w, group)
     w8 = (q8["weight"].float() * q8["scales"].float()[:, None]).bfloat16()
@@ -72,7 +67,7 @@ def candidates(w: torch.Tensor, group: int):
            "int4 triton": (lambda x: torch.ops.cogvlm.int4_mm(x, q4["weight"], q4["scales"], q4["zeros"]), n4, w4),
            "int4 dequant+GEMM": (lambda x: F.linear(x, dequantize_int4(q4["weight"], q4["scales"], q4["zeros"],
                                                                       x.dtype)), n4, w4)}
-    if w.shape[0] % 16 == 0:
+    if w.shape[0] % 16 == 0 and rows <= triton_mm.MAX_ROWS:  # (tinygemm is built for few rows)
         tiles = next(t for t in (8, 4, 2) if w.shape[1] % (t * 16) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)
         sz = torch.stack([q4["scales"], q4["zeros"]], -1).transpose(0, 1).contiguous()
@@ -80,15 +75,50 @@ def candidates(w: torch.Tensor, group: int):
     return out
 
 
+def model_check(cfg: CogVLMConfig) -> None:
+    """The same quantized weights through the model with the Triton kernels and without (COGVLM_TRITON=0)."""
+    import dataclasses
+    import os
+
+    from bench.quantize_bench import prompt
+    from bench.random_weights import random_model
+    from cogvlm.quantize import QuantSpec, pack_model, quantize_model
+
+    small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=2),
+                                vision=dataclasses.replace(cfg.vision, num_hidden_layers=2))
+    for spec in (QuantSpec("int8"), QuantSpec("int4", 128)):
+        model = random_model(small, device=torch.device("cuda"))
+        quantize_model(model, spec)
+        pack_model(model, torch.bfloat16)
+        ids, types, pixels = prompt(small, 1, 24, torch.device("cuda"))
+        text = types[0] == 0
+        got = {}
+        for flag in ("1", "0"):
+            os.environ["COGVLM_TRITON"] = flag
+            with torch.no_grad():
+                got[flag] = model(ids, types, pixel_values=pixels).logits[0, text].float()
+                got[flag + "gen"] = model.generate(ids, types, pixel_values=pixels, max_new_tokens=16, eos_id=-1)[0]
+        os.environ.pop("COGVLM_TRITON")
+        err = ((got["1"] - got["0"]).norm() / got["0"].norm()).item()
+        same = sum(a == b for a, b in zip(got["1gen"], got["0gen"])) / len(got["0gen"])
+        print(f"model check {spec.describe()}: Triton vs torch ops, logits rel. error {err:.2e}, "
+              f"greedy tokens equal {same:.0%}", flush=True)
+        del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvlm-chat-hf")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 28, 64])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 1226])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model-check", action="store_true", help="first: a 2-layer full-width model's logits with "
+                    "the Triton kernels against torch's ops (COGVLM_TRITON=0)")
     args = ap.parse_args()
     cfg = CogVLMConfig.from_name(args.preset)
-    bw = copy_bandwidth()
+    if args.model_check:
+        model_check(cfg)
+    bw = copy_bandwidth() / 1e9
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {bw:.0f} GB/s", flush=True)
     results = []
     for name, K, N in shapes(cfg):
@@ -96,7 +126,7 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             base = None
-            for kind, (fn, nbytes, ref) in candidates(w, args.group_size).items():
+            for kind, (fn, nbytes, ref) in candidates(w, args.group_size, rows).items():
                 with fused_kernels():  # the dequantization compiled, as in a decode step or compiled layers
                     s = graph_time(lambda: fn(x))
                 y, want = fn(x).float(), F.linear(x.float(), ref.float())
@@ -108,7 +138,6 @@ def main() -> None:
                 r = results[-1]
                 print(f"{name:8s} {K:5d}->{N:5d} M={rows:3d} {kind:18s} {r['us']:8.1f} us {r['GB_s']:6.0f} GB/s "
                       f"({r['of_copy']:4.0%} of copy) {r['vs_bf16']:5.2f}x bf16  err {err:.1e}", flush=True)
-            del x
     if args.json:
         args.json.write_text(json.dumps({"copy_GB_s": bw, "card": torch.cuda.get_device_name(),
                                          "torch": torch.__version__, "results": results}, indent=1))

@@ -49,18 +49,29 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    def _row_configs():
-        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in [(4, 256, 2, 4), (8, 256, 4, 4), (16, 256, 4, 3), (16, 128, 4, 4),
-                                   (32, 128, 8, 3), (8, 512, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3)]]
+    # Integer-to-float conversion instructions run at a quarter of the rate of float arithmetic on recent NVIDIA
+    # GPUs, too slow to convert a weight per byte read. These conversions use integer logic and one float add
+    # instead: the bits 0x4B000000 + u (u < 2^23) are the float 2^23 + u.
+    @triton.jit
+    def _int8_to_f32(w):
+        """int8 codes -> float32, exactly."""
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128 + code
 
-    def _rows_configs():
-        return [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, m, k, w, s in [(64, 16, 128, 4, 4), (32, 16, 128, 4, 4), (64, 32, 128, 4, 4),
-                                      (64, 64, 128, 4, 3), (128, 16, 128, 8, 3), (128, 64, 64, 8, 3),
-                                      (32, 32, 256, 4, 3), (64, 16, 256, 4, 3)]]
+    @triton.jit
+    def _nibble_minus_8(words, shift: tl.constexpr):
+        """The 4 bits at `shift` of int32 words, minus 8, as float32."""
+        return (((words >> shift) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
-    @triton.autotune(configs=_row_configs(), key=["N", "K"])
+    def _configs(names, rows):
+        return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
+
+    _ROWS_CONFIGS = _configs(  # (BLOCK_N, BLOCK_M, warps, stages): few rows, then prefill sizes
+        ("BLOCK_N", "BLOCK_M"), [(64, 16, 4, 4), (32, 16, 4, 4), (64, 32, 4, 4), (128, 16, 8, 3), (16, 16, 2, 4),
+                                 (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4)])
+
+    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K"), [
+        (4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3), (32, 256, 4, 1), (8, 1024, 4, 1),
+        (16, 1024, 8, 1), (32, 512, 8, 3)]), key=["N", "K"])
     @triton.jit
     def _int8_row(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,11 +81,13 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & (rk[None, :] < K), other=0)
-            acc += w.to(tl.float32) * x[None, :]
+            acc += _int8_to_f32(w) * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(configs=_rows_configs(), key=["M", "N", "K"])
+    @triton.autotune(configs=[triton.Config({**c.kwargs, "BLOCK_K": 128 if c.kwargs["BLOCK_M"] <= 32 else 64},
+                                            num_warps=c.num_warps, num_stages=c.num_stages) for c in _ROWS_CONFIGS],
+                     key=["M", "N", "K"])
     @triton.jit
     def _int8_rows(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -86,36 +99,45 @@ if triton is not None:
             k_ok = rk < K
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & k_ok[None, :], other=0)
             xt = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=(rm[None, :] < M) & k_ok[:, None], other=0.0)
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+            acc = tl.dot(_int8_to_f32(w).to(xt.dtype), xt, acc)
         acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[None, :] < M) & (rn[:, None] < N))
 
-    @triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                              for n, w, s in [(8, 2, 4), (16, 4, 4), (32, 4, 4), (32, 8, 3), (64, 8, 3),
-                                              (16, 2, 6), (64, 4, 4), (128, 8, 3)]],
-                     key=["N", "K", "G"])
+    @triton.autotune(configs=_configs(("BLOCK_N", "GROUPS"), [
+        (8, 4, 4, 1), (16, 2, 4, 1), (16, 4, 4, 1), (32, 2, 4, 1), (32, 4, 8, 1), (64, 2, 8, 1), (8, 8, 4, 1),
+        (16, 8, 8, 1)]), key=["N", "K", "G"])
     @triton.jit
-    def _int4_row(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _int4_row(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUPS: tl.constexpr):
+        # The weight read as int32 words of 8 codes: code 8w + j sits in byte j // 2, high nibble for even j.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        groups = K // G
-        rj = tl.arange(0, G // 2)  # the bytes of one group: codes 2j (high nibble) and 2j + 1 (low nibble)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for g in range(0, groups):
-            x_even = tl.load(x_ptr + g * G + 2 * rj).to(tl.float32)
-            x_odd = tl.load(x_ptr + g * G + 2 * rj + 1).to(tl.float32)
-            b = tl.load(w_ptr + rn[:, None] * (K // 2) + g * (G // 2) + rj[None, :], mask=n_ok[:, None], other=0)
-            dot = tl.sum((b >> 4).to(tl.float32) * x_even[None, :] + (b & 15).to(tl.float32) * x_odd[None, :], axis=1)
-            s = tl.load(s_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            acc += s * dot + (z - 8 * s) * tl.sum(x_even + x_odd, axis=0)
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        n_groups = K // G
+        WORDS: tl.constexpr = G // 8  # per group
+        rw = tl.arange(0, WORDS)
+        words_at = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + rw[None, None, :]
+        acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        for g0 in range(0, n_groups, GROUPS):
+            g = g0 + tl.arange(0, GROUPS)
+            g_ok = g < n_groups
+            words = tl.load(words_at + g[None, :, None] * WORDS, mask=n_ok[:, None, None] & g_ok[None, :, None],
+                            other=0)
+            dot = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)  # sum_k x_k (c_k - 8) per group
+            x_sum = tl.zeros((GROUPS, WORDS), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptr + g[:, None] * G + rw[None, :] * 8 + j, mask=g_ok[:, None], other=0.0)
+                xj = xj.to(tl.float32)
+                dot += _nibble_minus_8(words, 8 * (j // 2) + 4 * (1 - j % 2)) * xj[None, :, :]
+                x_sum += xj
+            at = rn[:, None] * n_groups + g[None, :]
+            ok = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            acc += s * tl.sum(dot, axis=2) + z * tl.sum(x_sum, axis=1)[None, :]  # w = (c - 8) s + z
+        tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s)
-                              for n, m, w, s in [(64, 16, 4, 4), (32, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3),
-                                                 (128, 16, 8, 3), (128, 64, 8, 3), (32, 32, 4, 3), (16, 16, 2, 4)]],
-                     key=["M", "N", "K", "G"])
+    @triton.autotune(configs=_ROWS_CONFIGS, key=["M", "N", "K", "G"])
     @triton.jit
     def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -127,13 +149,14 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(0, groups):
             b = tl.load(w_ptr + rn[:, None] * (K // 2) + g * (G // 2) + rj[None, :], mask=n_ok[:, None], other=0)
+            b = b.to(tl.int32)
             s = tl.load(s_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             z = tl.load(z_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             x_at = x_ptr + rm[None, :] * K + g * G + 2 * rj[:, None]  # x.T's even columns of this group
             x_even = tl.load(x_at, mask=m_ok[None, :], other=0.0)
             x_odd = tl.load(x_at + 1, mask=m_ok[None, :], other=0.0)
-            w_even = ((b >> 4).to(tl.float32) - 8) * s + z  # the weight's even columns, as `dequantize_int4`
-            w_odd = ((b & 15).to(tl.float32) - 8) * s + z
+            w_even = _nibble_minus_8(b, 4) * s + z  # the weight's even columns, as `dequantize_int4` computes them
+            w_odd = _nibble_minus_8(b, 0) * s + z
             acc = tl.dot(w_even.to(x_even.dtype), x_even, acc)
             acc = tl.dot(w_odd.to(x_odd.dtype), x_odd, acc)
         tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
