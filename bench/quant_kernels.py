@@ -63,10 +63,13 @@ def candidates(w: torch.Tensor, group: int, rows: int):
     n4 = q4["weight"].numel() + 4 * q4["scales"].numel()
     out = {"bf16": (lambda x: F.linear(x, w), 2 * w.numel(), w),
            "int8 triton": (lambda x: torch.ops.cogvlm.int8_mm(x, q8["weight"], q8["scales"]), w.numel(), w8),
-           "int8 convert+GEMM": (lambda x: F.linear(x, q8["weight"].to(x.dtype)) * q8["scales"], w.numel(), w8),
+           "int8 codes+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int8_codes(q8["weight"], x.dtype))
+                               * q8["scales"], w.numel(), w8),
            "int4 triton": (lambda x: torch.ops.cogvlm.int4_mm(x, q4["weight"], q4["scales"], q4["zeros"]), n4, w4),
-           "int4 dequant+GEMM": (lambda x: F.linear(x, dequantize_int4(q4["weight"], q4["scales"], q4["zeros"],
-                                                                      x.dtype)), n4, w4)}
+           "int4 triton dequant+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int4_dequantize(
+               q4["weight"], q4["scales"], q4["zeros"], x.dtype)), n4, w4)}
+    if rows <= triton_mm.MAX_ROWS:  # what the layers run at these sizes: the products, not a dequantized copy
+        out = {k: v for k, v in out.items() if "GEMM" not in k}
     if w.shape[0] % 16 == 0 and rows <= triton_mm.MAX_ROWS:  # (tinygemm is built for few rows)
         tiles = next(t for t in (8, 4, 2) if w.shape[1] % (t * 16) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)

@@ -37,6 +37,12 @@ def check_every_config() -> None:
                 err = ((y.float() - want).norm() / want.norm()).item()
                 assert y.shape == (rows, N) and y.dtype == dtype
                 assert err < torch.finfo(dtype).eps, f"{name} config {config} rows {rows} {dtype}: relative error {err:.2e}"
+    for dtype in (torch.float16, torch.bfloat16):  # the dequantization kernels: exactly the reference's weight
+        codes = T.launch_int8_codes(q8["weight"], dtype)
+        assert codes.dtype == dtype and torch.equal(codes.float(), q8["weight"].float())
+        w4 = T.launch_int4_dequantize(q4["weight"], q4["scales"], q4["zeros"], dtype).float()
+        ref = dequantize_int4(q4["weight"], q4["scales"], q4["zeros"], torch.float32)
+        assert w4.shape == (N, K) and (w4 - ref).abs().max() <= ref.abs().max() * torch.finfo(dtype).eps
 
 
 def test_kernels_match_the_dequantized_weight_in_the_interpreter():

@@ -111,6 +111,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if triton_mm.available(x):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         return torch.ops.cogvlm.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
+    if triton_mm.serves(x, x.dtype):  # more rows: the codes in x's dtype (exact), then cuBLAS
+        return F.linear(x, torch.ops.cogvlm.int8_codes(weight, x.dtype)) * scales
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
@@ -323,8 +325,11 @@ class Int4Linear(QuantizedLinear):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         if self.kernel is None:
+            dtype = dtype or self.scales.dtype
+            if triton_mm.serves(self.weight, dtype):
+                return torch.ops.cogvlm.int4_dequantize(self.weight, self.scales, self.zeros, dtype)
             with fused_kernels():  # one kernel on CUDA
-                return dequantize_int4(self.weight, self.scales, self.zeros, dtype or self.scales.dtype)
+                return dequantize_int4(self.weight, self.scales, self.zeros, dtype)
         sz = self.scale_zeros
         return dequantize_int4(pack_nibbles(self._kernel_codes()), sz[..., 0].t(), sz[..., 1].t(), dtype or sz.dtype)
 

@@ -43,9 +43,14 @@ def enabled() -> bool:
     return _OPS and os.environ.get("COGVLM_TRITON", "1") != "0"
 
 
+def serves(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernels serve a tensor on t's device computing in `dtype`: enabled, CUDA, half precision."""
+    return enabled() and t.is_cuda and dtype in (torch.bfloat16, torch.float16)
+
+
 def available(x: torch.Tensor) -> bool:
-    """Whether these kernels serve this input: enabled, on CUDA, half precision, at most MAX_ROWS rows."""
-    return enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() <= MAX_ROWS * x.shape[-1]
+    """Whether the products serve this input: `serves` it, and it has at most MAX_ROWS rows."""
+    return serves(x, x.dtype) and x.numel() <= MAX_ROWS * x.shape[-1]
 
 
 if triton is not None:
@@ -58,7 +63,7 @@ if triton is not None:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128 + code
 
     @triton.jit
-    def _nibble_minus_8(words, shift: tl.constexpr):
+    def _nibble_minus_8(words, shift):
         """The 4 bits at `shift` of int32 words, minus 8, as float32."""
         return (((words >> shift) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
@@ -104,17 +109,23 @@ if triton is not None:
         tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[None, :] < M) & (rn[:, None] < N))
 
+    @triton.jit
+    def _shifts():
+        """Where code 8w + j sits in int32 word w: byte j // 2, the high nibble for even j."""
+        j = tl.arange(0, 8)
+        return 8 * (j // 2) + 4 * (1 - j % 2)
+
     @triton.autotune(configs=_configs(("BLOCK_N", "GROUPS"), [
         (8, 4, 4, 1), (16, 2, 4, 1), (16, 4, 4, 1), (32, 2, 4, 1), (32, 4, 8, 1), (64, 2, 8, 1), (8, 8, 4, 1),
         (16, 8, 8, 1)]), key=["N", "K", "G"])
     @triton.jit
     def _int4_row(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr,
                   GROUPS: tl.constexpr):
-        # The weight read as int32 words of 8 codes: code 8w + j sits in byte j // 2, high nibble for even j.
+        # Read as int32 words of 8 codes, GROUPS groups of G // 8 words per row and step; x in k order beside them.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         n_groups = K // G
-        WORDS: tl.constexpr = G // 8  # per group
+        WORDS: tl.constexpr = G // 8
         rw = tl.arange(0, WORDS)
         words_at = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + rw[None, None, :]
         acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
@@ -122,19 +133,16 @@ if triton is not None:
             g = g0 + tl.arange(0, GROUPS)
             g_ok = g < n_groups
             words = tl.load(words_at + g[None, :, None] * WORDS, mask=n_ok[:, None, None] & g_ok[None, :, None],
-                            other=0)
-            dot = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)  # sum_k x_k (c_k - 8) per group
-            x_sum = tl.zeros((GROUPS, WORDS), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_ptr + g[:, None] * G + rw[None, :] * 8 + j, mask=g_ok[:, None], other=0.0)
-                xj = xj.to(tl.float32)
-                dot += _nibble_minus_8(words, 8 * (j // 2) + 4 * (1 - j % 2)) * xj[None, :, :]
-                x_sum += xj
+                            other=0)  # (BLOCK_N, GROUPS, WORDS)
+            k = g[:, None, None] * G + rw[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+            x = tl.load(x_ptr + k, mask=g_ok[:, None, None], other=0.0).to(tl.float32)  # (GROUPS, WORDS, 8)
+            c = _nibble_minus_8(words[:, :, :, None], _shifts()[None, None, None, :])  # (.., WORDS, 8), k order
+            dot = tl.sum(tl.sum(c * x[None, :, :, :], axis=3), axis=2)  # sum_k x_k (c_k - 8)
             at = rn[:, None] * n_groups + g[None, :]
             ok = n_ok[:, None] & g_ok[None, :]
             s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            acc += s * tl.sum(dot, axis=2) + z * tl.sum(x_sum, axis=1)[None, :]  # w = (c - 8) s + z
+            acc += s * dot + z * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]  # w = (c - 8) s + z
         tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.autotune(configs=_ROWS_CONFIGS, key=["M", "N", "K", "G"])
@@ -145,22 +153,40 @@ if triton is not None:
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok, m_ok = rn < N, rm < M
         groups = K // G
-        rj = tl.arange(0, G // 2)
+        WORDS: tl.constexpr = G // 8
+        words_at = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + tl.arange(0, WORDS)[None, :]
+        x_at = x_ptr + rm[None, :] * K + tl.arange(0, G)[:, None]  # x.T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(0, groups):
-            b = tl.load(w_ptr + rn[:, None] * (K // 2) + g * (G // 2) + rj[None, :], mask=n_ok[:, None], other=0)
-            b = b.to(tl.int32)
+            words = tl.load(words_at + g * WORDS, mask=n_ok[:, None], other=0)
             s = tl.load(s_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             z = tl.load(z_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            x_at = x_ptr + rm[None, :] * K + g * G + 2 * rj[:, None]  # x.T's even columns of this group
-            x_even = tl.load(x_at, mask=m_ok[None, :], other=0.0)
-            x_odd = tl.load(x_at + 1, mask=m_ok[None, :], other=0.0)
-            w_even = _nibble_minus_8(b, 4) * s + z  # the weight's even columns, as `dequantize_int4` computes them
-            w_odd = _nibble_minus_8(b, 0) * s + z
-            acc = tl.dot(w_even.to(x_even.dtype), x_even, acc)
-            acc = tl.dot(w_odd.to(x_odd.dtype), x_odd, acc)
+            c = _nibble_minus_8(words[:, :, None], _shifts()[None, None, :])
+            w = tl.reshape(c, (BLOCK_N, G)) * s + z  # as `dequantize_int4` computes it
+            xt = tl.load(x_at + g * G, mask=m_ok[None, :], other=0.0)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
         tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[None, :] & n_ok[:, None])
+
+    # Dequantization into a temporary weight, for products of more rows (the prefill's image positions), which
+    # then run at cuBLAS's rate.
+    @triton.jit
+    def _int8_codes(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + i, mask=i < numel, other=0)
+        tl.store(out_ptr + i, _int8_to_f32(w).to(out_ptr.dtype.element_ty), mask=i < numel)
+
+    @triton.jit
+    def _int4_dequantize(w_ptr, s_ptr, z_ptr, out_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # word i holds elements 8i..8i+7 of the flat weight
+        ok = i < n_words
+        words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + i, mask=ok, other=0)
+        group = (i * 8) // G  # the flat (N, K / G) index: K is a multiple of G
+        s = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + group, mask=ok, other=0.0).to(tl.float32)[:, None]
+        w = _nibble_minus_8(words[:, None], _shifts()[None, :]) * s + z
+        tl.store(out_ptr + i[:, None] * 8 + tl.arange(0, 8)[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
 
 
 def _launch(kernel, grid, wrap, *args) -> None:
@@ -200,6 +226,24 @@ def launch_int4(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, ze
     return y
 
 
+def launch_int8_codes(weight: torch.Tensor, dtype: torch.dtype, wrap=lambda k: k) -> torch.Tensor:
+    """int8 codes -> the same integers in `dtype` (exact in bf16/fp16), one pass at copy speed."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    wrap(_int8_codes)[(triton.cdiv(weight.numel(), 4096),)](weight, out, weight.numel(), BLOCK=4096)
+    return out
+
+
+def launch_int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype,
+                           wrap=lambda k: k) -> torch.Tensor:
+    """The (N, K) weight in `dtype`, as `dequantize_int4` computes it (fp32, rounded once)."""
+    N, K = nibbles.shape[0], nibbles.shape[1] * 2
+    out = torch.empty(N, K, dtype=dtype, device=nibbles.device)
+    n_words = N * K // 8
+    wrap(_int4_dequantize)[(triton.cdiv(n_words, 512),)](nibbles, scales, zeros, out, n_words, K // scales.shape[1],
+                                                        BLOCK=512)
+    return out
+
+
 _OPS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 if _OPS:
     @torch.library.triton_op("cogvlm::int8_mm", mutates_args=())
@@ -209,3 +253,12 @@ if _OPS:
     @torch.library.triton_op("cogvlm::int4_mm", mutates_args=())
     def int4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         return launch_int4(x, nibbles, scales, zeros, torch.library.wrap_triton)
+
+    @torch.library.triton_op("cogvlm::int8_codes", mutates_args=())
+    def int8_codes(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return launch_int8_codes(weight, dtype, torch.library.wrap_triton)
+
+    @torch.library.triton_op("cogvlm::int4_dequantize", mutates_args=())
+    def int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
+        return launch_int4_dequantize(nibbles, scales, zeros, dtype, torch.library.wrap_triton)
