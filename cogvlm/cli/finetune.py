@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   cogvlm finetune --model ./cogvlm-chat --data train.jsonl --out runs/qlora --preset lora --quantize int4 \
       --gradient-checkpointing                        # QLoRA: LoRA over a frozen int4 base
   cogvlm finetune --resume runs/x            # continue exactly where runs/x stopped
+  cogvlm finetune --init config.json --data train.jsonl --out runs/gpu --batch-size 512 --lr 2e-3 \
+      --warmup-steps 300 --max-minutes 5 --workers 12      # as many steps as fit in 5 minutes
 data format (JSONL, one record per line):
   {"image": "images/1.png", "conversations": [{"role": "user", "content": "What is it?"},
                                                {"role": "assistant", "content": "a red circle"}]}
@@ -87,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trainable-dtype", choices=DTYPES,
                    help="dtype of the trained parameters and their AdamW state (default fp32)")
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--image-cache-mb", type=float,
+                   help="preprocessed images kept in memory, per process (default 1024)")
+    g.add_argument("--workers", type=int,
+                   help="data worker processes that read and preprocess the next batches (default 0: none)")
+    g.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget from the start of the run to the last step: the step count is fitted "
+                        "to it (at most --steps), so the schedule ends with the time; then evaluation and export")
     g = p.add_argument_group("evaluation, checkpoints, export")
     g.add_argument("--log-every", type=int, help="steps between progress lines on stderr (default 10)")
     g.add_argument("--eval-every", type=int, help="steps between evaluations (default 0: only at the end)")

@@ -22,6 +22,9 @@ The package, in the order a run uses it:
 - `evaluate`: `training_loss` (the model's own shifted cross-entropy over labelled tokens, without the logits of
   the image and prompt positions) and `evaluate` (that loss on held-out data, and the exact-match accuracy of greedy
   answers from `cogvlm.generate`);
+- `loader`: the order of the examples and the stream of batches, made in the training process or in `--workers`
+  data worker processes (the same batches either way);
+- `budget`: `--max-minutes`, a wall-clock budget to which the step count (and so the schedule) is fitted;
 - `trainer`: `Trainer` and `train(cfg)`: the loop, its schedule, logging, checkpoints and the final export.
 The command line is `cogvlm/cli/finetune.py`. See docs/finetune.md.
 """

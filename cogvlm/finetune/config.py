@@ -73,7 +73,9 @@ class TrainConfig:
     export_dtype: str | None = None  # default: the source checkpoint's dtype (fp32 for --init)
     export_hf: str | None = None
     threads: int | None = None
-    image_cache_mb: float = 1024
+    image_cache_mb: float = 1024  # per process: each data worker has its own cache
+    workers: int = 0  # data worker processes preparing the next batches (0: in the training process)
+    max_minutes: float | None = None  # wall-clock budget: the step count is fitted to it (cogvlm.finetune.budget)
 
     # Options that change the trajectory: a resumed run must use the checkpoint's values.
     TRAJECTORY = ("model", "init", "preset", "train", "freeze", "lora_rank", "lora_alpha", "lora_dropout",

@@ -5,6 +5,8 @@ AdamW with weight decay on matrices only, gradient clipping, linear warmup then 
 depend only on s and the seed (a fresh permutation per epoch), so a resumed run sees the same batches, learning
 rates and dropout masks as an uninterrupted one. With gradient accumulation each micro-batch's mean loss is weighted
 1/grad_accum.
+`--workers N` prepares the batches in N processes (`loader`); `--max-minutes M` fits the step count to a wall-clock
+budget (`budget`).
 """
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ from ..tokenizer import Tokenizer
 from .build import load_base, make_trainable
 from .checkpoint import (file_digest, find_checkpoint, list_checkpoints, load_checkpoint, read_checkpoint_state,
                          restore_rng, rng_state, save_checkpoint, save_model)
+from .budget import TimeBudget
 from .config import DEFAULT_LR, TrainConfig
 from .evaluate import autocast, evaluate, to_device, training_loss
+from .loader import BatchOrder, batch_stream
+
+PROVISIONAL_STEPS = 10**9  # the step count of a time-budgeted run without --steps, until the budget fits it
 
 
 def log(msg: str) -> None:
@@ -56,8 +62,11 @@ class Trainer:
     """Holds a run's model, data, optimizer and schedule; `run()` trains, evaluates, checkpoints and exports."""
 
     def __init__(self, cfg: TrainConfig):
+        self.budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes is not None else None  # (its clock starts now)
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be >= 1")
+        if cfg.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.resume_from = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -91,11 +100,20 @@ class Trainer:
         self.eval_data = self._dataset(cfg.eval_data) if cfg.eval_data else None
         if cfg.steps is not None:
             self.total_steps = cfg.steps
-        else:
+        elif cfg.epochs is not None or self.budget is None:
             self.total_steps = math.ceil((cfg.epochs or 1.0) * len(self.train_data) / (cfg.batch_size * cfg.grad_accum))
+        else:  # a time budget alone: as many steps as fit
+            if cfg.warmup_steps is None:
+                raise ValueError("--max-minutes without --steps or --epochs needs --warmup-steps (the default, 3 % of "
+                                 "the steps, is not known before the budget fits them)")
+            self.total_steps = PROVISIONAL_STEPS
         if self.total_steps < 1:
             raise ValueError("the run has no step to take (check --steps / --epochs)")
+        if self.budget is not None and self.total_steps != PROVISIONAL_STEPS:
+            self.budget.cap = self.total_steps  # the budget can only shorten the run
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * self.total_steps)
+        self.order = BatchOrder(len(self.train_data), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self._stream, self._stream_at = None, None
 
         self.trainable = make_trainable(self.model, cfg)
         params = dict(self.model.named_parameters())
@@ -108,8 +126,8 @@ class Trainer:
         # was 12 GiB for the full-size experts preset in bf16)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(cfg.betas),
                                            fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, Schedule(self.warmup, self.total_steps, cfg.min_lr_ratio))
+        self.schedule = Schedule(self.warmup, self.total_steps, cfg.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.step = 0
         self.data_digest = file_digest(cfg.data)
 
@@ -119,19 +137,34 @@ class Trainer:
                                    self.template, cfg.max_length, cfg.all_turns, cfg.image_cache_mb)
 
     # -- data order --------------------------------------------------------------------------------------------
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if getattr(self, "_order_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(len(self.train_data), generator=g)
-            self._order_epoch = epoch
-        return self._order
-
     def batch_indices(self, step: int, micro: int) -> list[int]:
         """Examples of micro-batch `micro` of optimizer step `step`: a deterministic walk through per-epoch
         shuffles, so a resumed run sees the same batches."""
-        n, bs = len(self.train_data), self.cfg.batch_size
-        first = (step * self.cfg.grad_accum + micro) * bs
-        return [int(self._epoch_order(k // n)[k % n]) for k in range(first, first + bs)]
+        return self.order.indices(step, micro)
+
+    def _micro_batch(self, micro: int) -> dict:
+        """Micro-batch `micro` of the current step, from the stream (started, or restarted, where needed)."""
+        k = self.step * self.cfg.grad_accum + micro
+        if self._stream is None or self._stream_at != k:
+            self.close_stream()
+            self._stream = batch_stream(self.train_data, self.order, k, self.cfg.workers,
+                                        pin_memory=self.device.type == "cuda")
+        self._stream_at = k + 1
+        return next(self._stream)
+
+    def close_stream(self) -> None:
+        """Stop the batch stream (and its worker processes)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._stream_at = None, None
+
+    def _set_total(self, total: int) -> None:
+        """A new step count (the time budget's fit): the cosine stretches to it, from the next step's lr on."""
+        if total == self.total_steps:
+            return
+        self.total_steps = self.schedule.total = total
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
 
     # -- one step, one evaluation, one checkpoint ----------------------------------------------------------------
     def train_step(self) -> dict:
@@ -139,7 +172,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = to_device(self.train_data.batch(self.batch_indices(self.step, micro)), self.device)
+            batch = to_device(self._micro_batch(micro), self.device)
             with autocast(self.device, self.autocast_dtype):
                 loss, _ = training_loss(self.model, batch)
             (loss / cfg.grad_accum).backward()
@@ -177,6 +210,8 @@ class Trainer:
         if meta.get("data_sha256") and meta["data_sha256"] != self.data_digest:
             log(f"warning: {self.cfg.data} changed since the checkpoint; the run will not continue exactly")
         self.step = meta["step"]
+        if self.budget is not None:  # the step count fitted so far (the schedule's copy came with its state)
+            self.total_steps = meta.get("total_steps", self.total_steps)
         restore_rng(self.resume_from, meta)
         log(f"resumed from {self.resume_from} at step {self.step}")
 
@@ -199,11 +234,16 @@ class Trainer:
                 rec["time"] = round(time.time() - start_time, 3)
                 history.append(rec)
                 self._metrics(rec)
+                if self.budget is not None:
+                    self._fit_budget()
                 if self.step % cfg.log_every == 0 or self.step in (start_step + 1, self.total_steps):
                     per_step = sum(window) / len(window)
                     window = []
                     eta = per_step * (self.total_steps - self.step)
-                    log(f"step {self.step}/{self.total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                    if self.budget is not None:
+                        eta = max(0.0, min(eta, self.budget.left()))
+                    total = "?" if self.total_steps == PROVISIONAL_STEPS else self.total_steps
+                    log(f"step {self.step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                         f"grad-norm {rec['grad_norm']:.3f} | {per_step:.2f} s/step, eta {_hms(eta)}")
                 rng_at_start = None
                 if self.eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
@@ -218,12 +258,24 @@ class Trainer:
                 log(f"interrupted: saving step {self.step}, the last completed one")
                 self.save(rng_at_start)  # the RNG as it was after that step
             raise
+        finally:
+            self.close_stream()
         seconds = time.time() - start_time
         log(f"trained {self.step - start_step} steps in {_hms(seconds)}")
         if self.eval_data is not None:
             last_eval = self._run_eval()
         final = self.export() if cfg.export else None
         return {"history": history, "eval": last_eval, "final": final, "seconds": seconds}
+
+    def _fit_budget(self) -> None:
+        measured = self.budget.rate is not None
+        total = self.budget.fit(self.step, self.total_steps)
+        if total == self.step and self.step < self.total_steps:
+            log(f"time budget of {self.cfg.max_minutes:g} min spent: stopping after step {self.step}")
+        self._set_total(total)
+        if not measured and self.budget.rate is not None:
+            log(f"time budget: {self.total_steps} steps fit in the {self.budget.left():.0f} s left "
+                f"({self.budget.rate:.3f} s/step so far); the schedule follows")
 
     def _start_run(self) -> None:
         """Restore a resumed run (and drop its metrics after the checkpoint), write the run's options, say what
@@ -242,8 +294,15 @@ class Trainer:
         n_all = sum(p.numel() for p in self.model.parameters())
         log(f"{cfg.preset}: training {n_train:,} of {n_all:,} parameters ({len(self.trainable)} tensors) on "
             f"{self.device} ({str(self.dtype).removeprefix('torch.')}{', autocast' if self.autocast_dtype else ''}); "
-            f"{len(self.train_data)} examples, {self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}, "
+            f"{len(self.train_data)} examples, {self._planned()}, "
             f"lr {self.lr:g}, warmup {self.warmup}")
+
+    def _planned(self) -> str:
+        steps = f"steps of {self.cfg.batch_size}x{self.cfg.grad_accum}"
+        if self.budget is None:
+            return f"{self.total_steps} {steps}"
+        cap = "" if self.total_steps == PROVISIONAL_STEPS else f", at most {self.total_steps}"
+        return f"{steps}, as many as fit in the {self.budget.left():.0f} s left of {self.cfg.max_minutes:g} min{cap}"
 
     def _metrics(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
