@@ -1,5 +1,6 @@
-"""The quantized products alone, at CogVLM's shapes: Triton int8/int4 (`cogvlm.quantize.triton_mm`) against bf16
-cuBLAS, tinygemm (torch's int4 kernel) and dequantize-then-GEMM, with the copy bandwidth measured in the same run.
+"""The quantized products alone, at CogVLM's shapes: Triton int8 (`cogvlm.quantize.triton_mm`) and tinygemm
+(torch's int4 kernel) against bf16 cuBLAS, and at prefill sizes the Triton dequantization + cuBLAS, with the copy
+bandwidth measured in the same run.
 
     python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--json OUT]
 
@@ -65,7 +66,6 @@ def candidates(w: torch.Tensor, group: int, rows: int):
            "int8 triton": (lambda x: torch.ops.cogvlm.int8_mm(x, q8["weight"], q8["scales"]), w.numel(), w8),
            "int8 codes+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int8_codes(q8["weight"], x.dtype))
                                * q8["scales"], w.numel(), w8),
-           "int4 triton": (lambda x: torch.ops.cogvlm.int4_mm(x, q4["weight"], q4["scales"], q4["zeros"]), n4, w4),
            "int4 triton dequant+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int4_dequantize(
                q4["weight"], q4["scales"], q4["zeros"], x.dtype)), n4, w4)}
     if rows <= triton_mm.MAX_ROWS:  # what the layers run at these sizes: the products, not a dequantized copy

@@ -34,7 +34,7 @@ def fused_kernels():
 def fused(fn=None, *, static: tuple[int, ...] = ()):
     """`@fused` or `@fused(static=(1, 2))`: the arguments at those positions are weights, compiled for their exact
     shapes (one graph per weight shape, the others dynamic): inductor's index arithmetic over symbolic weight sizes
-    made the int4 dequantization and the int8 product several times slower."""
+    made the int4 dequantization (and an earlier compiled int8 product) several times slower."""
     if fn is None:
         return functools.partial(fused, static=static)
     compiled = None

@@ -1,4 +1,4 @@
-"""The Triton int8/int4 kernels (`cogvlm.quantize.triton_mm`) against the dequantized weight, run in Triton's CPU
+"""The Triton kernels of the quantized layers (`cogvlm.quantize.triton_mm`) against the dequantized weight, run in Triton's CPU
 interpreter (in a child process: the interpreter is chosen when the kernels are defined), for every configuration
 each kernel autotunes over, on shapes that leave partial tiles. The interpreter computes `tl.dot` through numpy,
 which has no bf16, so the several-row kernels are checked in fp16 (their code does not depend on the dtype); and it
@@ -30,19 +30,17 @@ def check_every_config() -> None:
         for rows, dtype in ((1, torch.bfloat16), (1, torch.float16), (3, torch.float16), (19, torch.float16)):
             x = torch.randn(rows, K).to(dtype)
             w8 = (q8["weight"].float() * q8["scales"].float()[:, None]).to(dtype)
-            w4 = dequantize_int4(q4["weight"], q4["scales"], q4["zeros"], dtype)
-            for name, y, ref_w in (("int8", T.launch_int8(x, q8["weight"], q8["scales"]), w8),
-                                   ("int4", T.launch_int4(x, q4["weight"], q4["scales"], q4["zeros"]), w4)):
-                want = F.linear(x.float(), ref_w.float())
-                err = ((y.float() - want).norm() / want.norm()).item()
-                assert y.shape == (rows, N) and y.dtype == dtype
-                assert err < torch.finfo(dtype).eps, f"{name} config {config} rows {rows} {dtype}: relative error {err:.2e}"
+            y = T.launch_int8(x, q8["weight"], q8["scales"])
+            want = F.linear(x.float(), w8.float())
+            err = ((y.float() - want).norm() / want.norm()).item()
+            assert y.shape == (rows, N) and y.dtype == dtype
+            assert err < torch.finfo(dtype).eps, f"int8 config {config} rows {rows} {dtype}: relative error {err:.2e}"
     for dtype in (torch.float16, torch.bfloat16):  # the dequantization kernels: exactly the reference's weight
         codes = T.launch_int8_codes(q8["weight"], dtype)
         assert codes.dtype == dtype and torch.equal(codes.float(), q8["weight"].float())
         w4 = T.launch_int4_dequantize(q4["weight"], q4["scales"], q4["zeros"], dtype).float()
         ref = dequantize_int4(q4["weight"], q4["scales"], q4["zeros"], torch.float32)
-        assert w4.shape == (N, K) and (w4 - ref).abs().max() <= ref.abs().max() * torch.finfo(dtype).eps
+        assert w4.shape == (N, K) and ((w4 - ref).abs() <= ref.abs() * torch.finfo(dtype).eps + 1e-6).all()
 
 
 def test_kernels_match_the_dequantized_weight_in_the_interpreter():

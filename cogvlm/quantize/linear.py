@@ -19,18 +19,19 @@ The stored format is the same on every device (checkpoints hold it and `state_di
 
 Kernels are chosen once the weights sit on their device (`pack_for`), so one file serves the CPU and GPUs:
 
-- int8 on CUDA: `F.linear(x, codes.to(x.dtype)) * scales`, the gpt-fast/torchao weight-only path. Eager it reads the
-  weight twice (int8, then its bf16 copy); inside the graph-captured decode step it is compiled (`cogvlm.fusion`)
-  and inductor turns the batch-1 product into one kernel that reads only the int8 bytes (with
-  `coordinate_descent_tuning`; see docs/quantize.md). torch's `_weight_int8pack_mm` reads 110-195 GB/s on an
-  H200, 20x slower than bf16, so it is used only on the CPU, and only for bf16 (for fp32 it was 2-25x slower than
-  the plain product here, measured on this project's CPU).
+- int8 on CUDA (bf16/fp16): up to 64 rows (decode steps, the prompt's text), `cogvlm.quantize.triton_mm`'s product,
+  which reads only the int8 bytes (1.4-2.2x bf16 at one row on an H200); more rows (the image positions at
+  prefill): its one-pass conversion of the codes to the compute dtype, then cuBLAS and the scales on the output.
+  Without Triton (or with COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`. torch's
+  `_weight_int8pack_mm` reads 110-195 GB/s on an H200, 20x slower than bf16, so it is used only on the CPU, and only
+  for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
-  1.6-1.9x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
+  1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
   built for few rows: at prefill sizes (about 1200 rows) it is several times slower than a bf16 GEMM, so the
   layers only prefill runs (the vision expert, which only image positions use, the adapter and the ViT) keep the
-  plain layout and dequantize into a temporary weight (one fused kernel on CUDA) for an ordinary GEMM. On the CPU
-  in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the plain layout.
+  plain layout and dequantize into a temporary weight (`triton_mm`'s kernel on CUDA, else one compiled kernel)
+  for an ordinary GEMM. On the CPU in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the
+  plain layout.
 """
 from __future__ import annotations
 
@@ -144,8 +145,7 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
     """The int4 kernel to pack for ("cuda" or "cpu"), or None to keep the plain layout (see the module docstring)."""
     if dtype != torch.bfloat16:
         return None
-    if device.type == "cuda" and out_features % 16 == 0 and not triton_mm.enabled():  # (tinygemm's n-tile: 8 on
-        # NVIDIA, 16 on ROCm) with Triton the plain layout serves every size: `cogvlm.quantize.triton_mm`
+    if device.type == "cuda" and out_features % 16 == 0:  # tinygemm's n-tile: 8 on NVIDIA, 16 on ROCm
         return "cuda"
     if device.type == "cpu" and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu"
@@ -312,9 +312,6 @@ class Int4Linear(QuantizedLinear):
         return torch.cat(parts).t().round().to(torch.uint8).to(self.packed.device)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None and triton_mm.available(x):
-            flat = x.reshape(-1, self.in_features).contiguous()
-            return torch.ops.cogvlm.int4_mm(flat, self.weight, self.scales, self.zeros).view(*x.shape[:-1], -1)
         if self.kernel is None:
             return F.linear(x, self.dequantize(x.dtype))
         if x.device.type != self.kernel:

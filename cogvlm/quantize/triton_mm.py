@@ -1,22 +1,26 @@
-"""Triton kernels that multiply by int8 / int4 weights in their stored format, reading only the quantized bytes.
+"""Triton kernels for the int8 / int4 layers, on their stored format (`cogvlm.quantize.linear`):
 
-    y = x @ W.T     x (M, K) bf16/fp16,  W in the stored format of `cogvlm.quantize.linear`:
     int8   codes int8 (N, K), scales (N,)                    W[n, k] = codes[n, k] * scales[n]
     int4   nibbles uint8 (N, K/2), scales, zeros (N, K/G)    W[n, k] = (code[n, k] - 8) * scales[n, g] + zeros[n, g]
 
-Two kernels per format, both memory-bound at the sizes they serve (decode steps, the prompt's text rows):
+- `int8_mm(x, codes, scales)`: y = x @ W.T reading only the int8 bytes, for up to MAX_ROWS rows (decode steps, the
+  prompt's text rows). One row (`_int8_row`): each program owns BLOCK_N output channels, multiplies and adds in
+  fp32 across K and scales at the end. Several rows (`_int8_rows`): the codes, converted in registers, are the
+  first operand of `tl.dot` against x transposed, so the MMA's wide side is the output channels, not the handful of
+  rows; programs sharing a weight tile are launched together, so it comes from L2 after the first read.
+- `int8_codes(codes, dtype)`, `int4_dequantize(nibbles, scales, zeros, dtype)`: the weight in `dtype` in one pass,
+  for products of more rows (the prefill's image positions), which then run at cuBLAS's rate.
 
-- `*_row`: one row of x (batch-1 decode). Each program owns BLOCK_N output channels and walks K; it never builds a
-  weight tile for the tensor cores, just multiplies and adds in fp32. int4 sums each group before applying its
-  scale and zero: sum_k x_k W_k = s * sum_k x_k c_k + (z - 8 s) * sum_k x_k.
-- `*_rows`: a few rows (batch 2..64, the prompt's text). Weights are dequantized to x's dtype in registers (in fp32,
-  rounded once, as `dequantize_int4` does) and fed to `tl.dot` as its first operand against x transposed, so the
-  MMA's wide side is the output channels, not the handful of rows.
+Codes become floats through integer logic and one float add (the bits 0x4B000000 + u are the float 2^23 + u), not
+through integer-to-float conversion instructions, which run at a quarter of the float rate. Measured on an H200
+(`bench/quant_kernels.py`, docs/quantize.md): the one-row int8 product reads 2.6-3.5 TB/s, 1.4-2.2x bf16's cuBLAS
+GEMV at the decoder's shapes; torch's own int8 -> bf16 conversion ran at about 0.9 TB/s. For int4 at few rows,
+torch's tinygemm (1.6-2.1x bf16 at one row) beat the Triton products tried here (0.5-1.2x), so the int4 layers keep
+it for decode steps and take only the dequantization from this file.
 
-Programs that share a weight tile are launched next to each other, so the tile comes from L2 after the first read.
-Both are autotuned once per weight shape (and row count), which happens during the decode session's warm-up, before
-its CUDA graph is captured. `int8_mm` / `int4_mm` are PyTorch custom ops (`torch.library.triton_op`), so compiled
-layers trace them as they are. The parity tests run the same kernels in Triton's CPU interpreter.
+The products are autotuned per weight shape (and row count) on first use, in the decode session's warm-up before
+its CUDA graph is captured. All four are PyTorch custom ops (`torch.library.triton_op`), so compiled layers trace
+them as they are. The parity tests run the same kernels in Triton's CPU interpreter.
 """
 from __future__ import annotations
 
@@ -25,13 +29,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton (e.g. a CPU-only install): `available()` is False and the callers use torch's ops
+except ImportError:  # no Triton (e.g. a CPU-only install): `enabled()` is False and the callers use torch's ops
     triton = None
 
 import os
 
-ROW_KERNEL_MAX_ROWS = 1  # rows served by the one-row kernels; up to MAX_ROWS by the tensor-core ones
-MAX_ROWS = 64
+MAX_ROWS = 64  # int8_mm's rows; beyond, int8_codes + cuBLAS was faster (0.6-0.8x bf16 against 0.35-0.57x at 1226)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, the parity tests) cannot time configurations: it runs this one of
 # each kernel's autotuning list.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,59 +118,6 @@ if triton is not None:
         j = tl.arange(0, 8)
         return 8 * (j // 2) + 4 * (1 - j % 2)
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "GROUPS"), [
-        (8, 4, 4, 1), (16, 2, 4, 1), (16, 4, 4, 1), (32, 2, 4, 1), (32, 4, 8, 1), (64, 2, 8, 1), (8, 8, 4, 1),
-        (16, 8, 8, 1)]), key=["N", "K", "G"])
-    @triton.jit
-    def _int4_row(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GROUPS: tl.constexpr):
-        # Read as int32 words of 8 codes, GROUPS groups of G // 8 words per row and step; x in k order beside them.
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        n_groups = K // G
-        WORDS: tl.constexpr = G // 8
-        rw = tl.arange(0, WORDS)
-        words_at = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None, None] * (K // 8) + rw[None, None, :]
-        acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-        for g0 in range(0, n_groups, GROUPS):
-            g = g0 + tl.arange(0, GROUPS)
-            g_ok = g < n_groups
-            words = tl.load(words_at + g[None, :, None] * WORDS, mask=n_ok[:, None, None] & g_ok[None, :, None],
-                            other=0)  # (BLOCK_N, GROUPS, WORDS)
-            k = g[:, None, None] * G + rw[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-            x = tl.load(x_ptr + k, mask=g_ok[:, None, None], other=0.0).to(tl.float32)  # (GROUPS, WORDS, 8)
-            c = _nibble_minus_8(words[:, :, :, None], _shifts()[None, None, None, :])  # (.., WORDS, 8), k order
-            dot = tl.sum(tl.sum(c * x[None, :, :, :], axis=3), axis=2)  # sum_k x_k (c_k - 8)
-            at = rn[:, None] * n_groups + g[None, :]
-            ok = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            acc += s * dot + z * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]  # w = (c - 8) s + z
-        tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.autotune(configs=_ROWS_CONFIGS, key=["M", "N", "K", "G"])
-    @triton.jit
-    def _int4_rows(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok, m_ok = rn < N, rm < M
-        groups = K // G
-        WORDS: tl.constexpr = G // 8
-        words_at = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (K // 8) + tl.arange(0, WORDS)[None, :]
-        x_at = x_ptr + rm[None, :] * K + tl.arange(0, G)[:, None]  # x.T
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g in range(0, groups):
-            words = tl.load(words_at + g * WORDS, mask=n_ok[:, None], other=0)
-            s = tl.load(s_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(z_ptr + rn * groups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            c = _nibble_minus_8(words[:, :, None], _shifts()[None, None, :])
-            w = tl.reshape(c, (BLOCK_N, G)) * s + z  # as `dequantize_int4` computes it
-            xt = tl.load(x_at + g * G, mask=m_ok[None, :], other=0.0)
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
-        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[None, :] & n_ok[:, None])
-
     # Dequantization into a temporary weight, for products of more rows (the prefill's image positions), which
     # then run at cuBLAS's rate.
     @triton.jit
@@ -201,28 +151,12 @@ def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wra
     """(M, K) @ int8 (N, K).T -> (M, N) in x's dtype. `wrap`: how to launch (`wrap_triton` inside the custom op)."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
-    if M <= ROW_KERNEL_MAX_ROWS:
+    if M == 1:
         for m in range(M):
             _launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[m], weight, scales, y[m], N, K)
     else:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
         _launch(_int8_rows, grid, wrap, x, weight, scales, y, M, N, K)
-    return y
-
-
-def launch_int4(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                wrap=lambda k: k) -> torch.Tensor:
-    """(M, K) @ int4 (N, K).T -> (M, N) in x's dtype."""
-    (M, K), N = x.shape, nibbles.shape[0]
-    G = K // scales.shape[1]
-    y = x.new_empty(M, N)
-    if M <= ROW_KERNEL_MAX_ROWS:
-        for m in range(M):
-            _launch(_int4_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[m], nibbles, scales, zeros, y[m],
-                    N, K, G)
-    else:
-        grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
-        _launch(_int4_rows, grid, wrap, x, nibbles, scales, zeros, y, M, N, K, G)
     return y
 
 
@@ -249,10 +183,6 @@ if _OPS:
     @torch.library.triton_op("cogvlm::int8_mm", mutates_args=())
     def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return launch_int8(x, weight, scales, torch.library.wrap_triton)
-
-    @torch.library.triton_op("cogvlm::int4_mm", mutates_args=())
-    def int4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        return launch_int4(x, nibbles, scales, zeros, torch.library.wrap_triton)
 
     @torch.library.triton_op("cogvlm::int8_codes", mutates_args=())
     def int8_codes(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
