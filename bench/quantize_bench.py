@@ -11,8 +11,8 @@ reference (text logits of the prompt, 128 greedy tokens), quantizes the same wei
 and peak allocated memory at batch 1 (one 490 px image + 24 text tokens + 128 new tokens), time to first token,
 decode tok/s at each batch (`generate`, as users run it: (T(1 + n new) - T(1 new)) / n), and the quality against
 bf16 (logits relative error, greedy-token agreement). Each mode runs in its own process, so memory figures do not
-mix. Inductor's coordinate-descent tuning is turned on (the gpt-fast setting under which int8's product compiles
-to one kernel; `--no-coordinate-descent` to compare). `--compiled`: each ViT block and decoder layer compiled
+mix. Inductor's coordinate-descent tuning is turned on (gpt-fast's setting, which an earlier compiled int8 product
+needed; it matters now only with `--compiled`; `--no-coordinate-descent` to compare). `--compiled`: each ViT block and decoder layer compiled
 (`cogvlm.speed.compile_layers`), as `cogvlm caption` runs on a GPU; bf16 is then compiled too.
 `qlora` runs bench/finetune_step.py's step (one 490 px image + 24 prompt + 32 answer tokens, bf16 autocast, fused
 AdamW, 3 steps) with `--preset lora` over the quantized base in the plain layout, gradient checkpointing on: peak
