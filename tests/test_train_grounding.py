@@ -104,11 +104,16 @@ def test_tiny_ground_architecture_fits_what_ships_and_what_travels():
     assert tokenizer == (ROOT / "examples" / "tiny-shapes" / "tokenizer.model").read_bytes()
 
 
-@pytest.mark.skipif(not (TINY_GROUND / "model.safetensors.index.json").exists(),
-                    reason="examples/tiny-ground has no weights yet (they come from the GPU run)")
 def test_tiny_ground_model_grounds_and_captions_fresh_scenes():
+    """The shipped weights ground and caption scenes that neither the training (seeds 1000-1015, validation 2) nor
+    the issue's evaluation (1234, 4321) drew. Bounds sit well below what the model scores (docs/grounding.md) and far
+    above a model that does not ground (examples/tiny-shapes: 0 % of boxes)."""
+    assert (TINY_GROUND / "model.safetensors.index.json").exists(), "examples/tiny-ground has lost its weights"
     files = [p for p in TINY_GROUND.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 30_000_000
     model = CogVLM.from_pretrained(TINY_GROUND, device="cpu", dtype=torch.float32)
-    result = shapes.evaluate(model, images=30, scenes=20, seed=20240601, scene_seed=97, attention=False)  # unseen
-    assert result["ground_iou50"] >= 0.8 and result["caption_exact"] >= 0.9, result
+    result = shapes.evaluate(model, images=60, scenes=40, seed=20240601, scene_seed=97, attention=False)
+    assert result["ground_questions"] > 40, result  # 1-3 shapes a scene, each asked about
+    assert result["ground_iou50"] >= 0.8 and result["ground_mean_iou"] >= 0.7, result
+    assert result["boxes_all_right"] >= 0.5, result  # describe-with-boxes: every shape named and boxed
+    assert result["caption_exact"] >= 0.9, result
