@@ -39,15 +39,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import os
+
 from ..fusion import fused, fused_kernels
 from ..shards import CheckpointError
-from . import triton_mm
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm supports
 SCALE_DTYPE = torch.bfloat16
 _TINY = torch.finfo(SCALE_DTYPE).tiny  # the smallest scale: an all-zero row or group gets codes 0
 _CHUNK = 1 << 24  # elements quantized at a time, so that quantizing a big matrix needs little temporary memory
+_triton_mm = None  # cogvlm.quantize.triton_mm once a CUDA layer first asks for it
+
+
+def triton_kernels(t: torch.Tensor, dtype: torch.dtype):
+    """`cogvlm.quantize.triton_mm` if it serves a tensor on t's device computing in `dtype` (CUDA, bf16/fp16, Triton
+    there, COGVLM_TRITON not 0), else None. Imported on first use: it loads Triton and registers custom ops, which a
+    CPU run never needs (and `cogvlm ask` on the CPU must not pay for)."""
+    global _triton_mm
+    if not (t.is_cuda and dtype in (torch.bfloat16, torch.float16)) or os.environ.get("COGVLM_TRITON", "1") == "0":
+        return None
+    if _triton_mm is None:
+        from . import triton_mm
+
+        _triton_mm = triton_mm
+    return _triton_mm if _triton_mm.enabled() else None
 
 
 # ------------------------------------------------------------------------------------------------- arithmetic
@@ -109,10 +125,11 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if triton_mm.available(x):
+    kernels = triton_kernels(x, x.dtype)
+    if kernels is not None and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         return torch.ops.cogvlm.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
-    if triton_mm.serves(x, x.dtype):  # more rows: the codes in x's dtype (exact), then cuBLAS
+    if kernels is not None:  # more rows: the codes in x's dtype (exact), then cuBLAS
         return F.linear(x, torch.ops.cogvlm.int8_codes(weight, x.dtype)) * scales
     return F.linear(x, weight.to(x.dtype)) * scales
 
@@ -323,7 +340,7 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self, dtype=None) -> torch.Tensor:
         if self.kernel is None:
             dtype = dtype or self.scales.dtype
-            if triton_mm.serves(self.weight, dtype):
+            if triton_kernels(self.weight, dtype) is not None:
                 return torch.ops.cogvlm.int4_dequantize(self.weight, self.scales, self.zeros, dtype)
             with fused_kernels():  # one kernel on CUDA
                 return dequantize_int4(self.weight, self.scales, self.zeros, dtype)

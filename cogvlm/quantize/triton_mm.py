@@ -29,7 +29,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton (e.g. a CPU-only install): `enabled()` is False and the callers use torch's ops
+except ImportError:  # no Triton: `enabled()` is False and the callers use torch's ops
     triton = None
 
 import os
@@ -44,16 +44,6 @@ interpreted_config = 0
 def enabled() -> bool:
     """Triton is there, torch can wrap its kernels as custom ops, and COGVLM_TRITON=0 does not turn them off."""
     return _OPS and os.environ.get("COGVLM_TRITON", "1") != "0"
-
-
-def serves(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the kernels serve a tensor on t's device computing in `dtype`: enabled, CUDA, half precision."""
-    return enabled() and t.is_cuda and dtype in (torch.bfloat16, torch.float16)
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the products serve this input: `serves` it, and it has at most MAX_ROWS rows."""
-    return serves(x, x.dtype) and x.numel() <= MAX_ROWS * x.shape[-1]
 
 
 if triton is not None:
