@@ -83,11 +83,13 @@ if triton is not None:
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
+    # Tuned per power of two of rows (M_BUCKET), not per row count: prompts of every length (a server's, a chat's)
+    # would otherwise each pay a tuning run of every configuration.
     @triton.autotune(configs=[triton.Config({**c.kwargs, "BLOCK_K": 128 if c.kwargs["BLOCK_M"] <= 32 else 64},
                                             num_warps=c.num_warps, num_stages=c.num_stages) for c in _ROWS_CONFIGS],
-                     key=["M", "N", "K"])
+                     key=["M_BUCKET", "N", "K"])
     @triton.jit
-    def _int8_rows(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K,
+    def _int8_rows(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, M_BUCKET,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # programs with the same weight tile run together
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -142,11 +144,12 @@ def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wra
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     if M == 1:
-        for m in range(M):
-            _launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[m], weight, scales, y[m], N, K)
+        _launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[0], weight, scales, y[0], N, K)
     else:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
-        _launch(_int8_rows, grid, wrap, x, weight, scales, y, M, N, K)
+        bucket = next(b for b in (2, 4, 8, 16, 32, MAX_ROWS) if M <= b or b == MAX_ROWS)  # (comparisons only:
+        # M may be a symbolic size inside compiled layers)
+        _launch(_int8_rows, grid, wrap, x, weight, scales, y, M, N, K, bucket)
     return y
 
 
