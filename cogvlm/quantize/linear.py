@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import os
-
 from ..fusion import fused, fused_kernels
 from ..shards import CheckpointError
 
@@ -54,10 +52,10 @@ _triton_mm = None  # cogvlm.quantize.triton_mm once a CUDA layer first asks for 
 
 def triton_kernels(t: torch.Tensor, dtype: torch.dtype):
     """`cogvlm.quantize.triton_mm` if it serves a tensor on t's device computing in `dtype` (CUDA, bf16/fp16, Triton
-    there, COGVLM_TRITON not 0), else None. Imported on first use: it loads Triton and registers custom ops, which a
-    CPU run never needs (and `cogvlm ask` on the CPU must not pay for)."""
+    there, COGVLM_TRITON not 0: `triton_mm.enabled`), else None. Imported on first use: it loads Triton and
+    registers custom ops, which a CPU run never needs (and `cogvlm ask` on the CPU must not pay for)."""
     global _triton_mm
-    if not (t.is_cuda and dtype in (torch.bfloat16, torch.float16)) or os.environ.get("COGVLM_TRITON", "1") == "0":
+    if not (t.is_cuda and dtype in (torch.bfloat16, torch.float16)):
         return None
     if _triton_mm is None:
         from . import triton_mm
