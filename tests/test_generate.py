@@ -18,7 +18,7 @@ import cogvlm.generate as gen
 from cogvlm import CogVLM
 from cogvlm.chat import TextStream, build_batch
 from cogvlm.convert import convert
-from cogvlm.generate import apply_repetition_penalty, apply_top_k, apply_top_p, process_logits
+from cogvlm.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, process_logits
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())

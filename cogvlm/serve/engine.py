@@ -34,7 +34,7 @@ import torch
 
 from ..chat import TextStream, tokenizer_of
 from ..fusion import fused_kernels
-from ..generate import process_logits, row_generators
+from ..sampling import process_logits, row_generators
 from ..layout import build_position_ids
 from ..llm import KVCache
 

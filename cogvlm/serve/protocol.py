@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..conversation import Conversation, ConversationError, from_messages
-from ..generate import check_sampling
+from ..sampling import check_sampling
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -37,7 +37,7 @@ class APIError(Exception):
 class ChatRequest:
     conversation: Conversation
     max_tokens: int | None = None  # None: as many as fit in the context
-    sampling: dict = field(default_factory=dict)  # `cogvlm.generate.process_logits` keywords
+    sampling: dict = field(default_factory=dict)  # `cogvlm.sampling.process_logits` keywords
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
