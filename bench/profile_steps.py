@@ -1,6 +1,7 @@
 """Where the time goes: torch.profiler over one batch-1 prefill and a few decode steps (full size, random bf16).
 
     python bench/profile_steps.py [--preset cogvlm-chat-hf] [--rows 25] [--compiled] [--quantize int8|int4-g128]
+                                  [--no-fast] [--cpu]
 
 The decode steps run without a CUDA graph (the profiler then sees every kernel; their GPU times are the graph's,
 the gaps between them are not). Besides torch's table, a summary per kind of kernel (weight products, attention,
@@ -24,7 +25,7 @@ from cogvlm.fusion import fused_kernels  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
 
 KINDS = [("weight products", ("gemv", "gemm", "xmma", "cutlass", "int8_r", "int4pack", "nvjet", "splitk")),
-         ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+         ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn", "attend")),
          ("generated (triton)", ("triton_",)),
          ("copies, fills", ("copy", "fill", "memcpy", "memset", "cat"))]
 
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--compiled", action="store_true", help="compiled layers (cogvlm.speed), as `cogvlm caption`")
     ap.add_argument("--quantize", help="a bench/quantize_bench.py mode: int8, int4-g128, ...")
+    ap.add_argument("--no-fast", action="store_true", help="decode with the model's step, not cogvlm.fast_decode")
+    ap.add_argument("--cpu", action="store_true", help="also the host's time per op in the prefill (launch overhead)")
     args = ap.parse_args()
     cfg = CogVLMConfig.from_name(args.preset)
     model = random_model(cfg)
@@ -73,18 +76,28 @@ def main() -> None:
         compile_layers(model)
     ids, types, pixels = make_prompt(cfg, 1, 24)
     session = DecodeSession(model, 1, ids.shape[1] + 64, cuda_graph=False)
+    if not args.no_fast:  # (a session without a graph keeps the model's step; the profile wants the graph's)
+        from cogvlm.fast_decode import FastStep
+
+        session.fast = FastStep.build(model, 1, session.caches)
+    print("decode step:", "cogvlm.fast_decode" if session.fast is not None else "the model's")
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
     with torch.no_grad(), fused_kernels():  # (the decode step's fused kernels, as its graph records them)
         for _ in range(2):  # warm-up
             session.prefill(ids, types, pixel_values=pixels)
             session.step(tok)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.cpu else [])
+        with profile(activities=activities) as prof:
             session.prefill(ids, types, pixel_values=pixels)
             torch.cuda.synchronize()
         print("== prefill (batch 1, one image + 24 text tokens)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         summary(prof, 1)
+        if args.cpu:
+            print("== prefill, host time per op")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                            max_name_column_width=70))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 session.step(tok)

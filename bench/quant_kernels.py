@@ -64,8 +64,8 @@ def candidates(w: torch.Tensor, group: int, rows: int):
     n4 = q4["weight"].numel() + 4 * q4["scales"].numel()
     out = {"bf16": (lambda x: F.linear(x, w), 2 * w.numel(), w),
            "int8 triton": (lambda x: torch.ops.cogvlm.int8_mm(x, q8["weight"], q8["scales"]), w.numel(), w8),
-           "int8 codes+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int8_codes(q8["weight"], x.dtype))
-                               * q8["scales"], w.numel(), w8),
+           "int8 dequant+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int8_dequantize(
+               q8["weight"], q8["scales"], x.dtype)), w.numel(), w8),
            "int4 triton dequant+GEMM": (lambda x: F.linear(x, torch.ops.cogvlm.int4_dequantize(
                q4["weight"], q4["scales"], q4["zeros"], x.dtype)), n4, w4)}
     if rows <= triton_mm.MAX_ROWS:  # what the layers run at these sizes: the products, not a dequantized copy

@@ -8,6 +8,7 @@ padding whose rows finish independently); `generate` collects its token ids. Tex
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -56,6 +57,12 @@ class DecodeSession:
 
             self.segmented = SegmentedStep(model, self.caches, self.key_valid, self.cache_pos, self.next_pos,
                                            self.tokens, cuda_graph=True)
+        # The step in Triton kernels (cogvlm.fast_decode), with a graph only (eager, their launches cost more).
+        self.fast = None
+        if self.use_graph and self.segmented is None:
+            from .fast_decode import FastStep
+
+            self.fast = FastStep.build(model, batch_size, self.caches)
         self.graph = None
         self.graph_logits = None
         self.owner = None  # the decode loop using the session now (a session serves one batch at a time)
@@ -116,13 +123,11 @@ class DecodeSession:
     def _step(self) -> torch.Tensor:
         """One decode step on the static buffers; only in-place device work, so it can be graph-captured."""
         self.key_valid.index_fill_(1, self.cache_pos, True)
-        logits = self.model(
-            self.tokens,
-            attention_mask=self.key_valid,
-            position_ids=self.next_pos,
-            kv_caches=self.caches,
-            cache_pos=self.cache_pos,
-        ).logits[:, -1]
+        if self.fast is not None:
+            logits = self.fast.step(self.tokens, self.key_valid, self.next_pos, self.cache_pos)
+        else:
+            logits = self.model(self.tokens, attention_mask=self.key_valid, position_ids=self.next_pos,
+                                kv_caches=self.caches, cache_pos=self.cache_pos).logits[:, -1]
         self.cache_pos += 1
         self.next_pos += 1
         return logits
@@ -135,7 +140,14 @@ class DecodeSession:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), fused_kernels():
-            self._step()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the fast step's kernels failed to build here: the model's step
+                if self.fast is None:
+                    raise
+                warnings.warn(f"the decode kernels failed ({type(e).__name__}: {e}); using the model's decode step")
+                self.fast = None
+                self._step()
         torch.cuda.current_stream().wait_stream(stream)
         for buf, old in zip((self.key_valid, self.cache_pos, self.next_pos), saved):
             buf.copy_(old)

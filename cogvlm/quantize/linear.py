@@ -21,7 +21,8 @@ Kernels are chosen once the weights sit on their device (`pack_for`), so one fil
 
 - int8 on CUDA (bf16/fp16): up to 64 rows (decode steps, the prompt's text), `cogvlm.quantize.triton_mm`'s product,
   which reads only the int8 bytes (1.4-2.2x bf16 at one row on an H200); more rows (the image positions at
-  prefill): its one-pass conversion of the codes to the compute dtype, then cuBLAS and the scales on the output.
+  prefill): its one-pass dequantization (codes x scales, in fp32, rounded once to the compute dtype), then cuBLAS
+  (the scales multiplying the output instead cost an extra pass over the (rows, out) result: 9 ms of an H200 prefill).
   Without Triton (or with COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`. torch's
   `_weight_int8pack_mm` reads 110-195 GB/s on an H200, 20x slower than bf16, so it is used only on the CPU, and only
   for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
@@ -127,8 +128,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if kernels is not None and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         return torch.ops.cogvlm.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
-    if kernels is not None:  # more rows: the codes in x's dtype (exact), then cuBLAS
-        return F.linear(x, torch.ops.cogvlm.int8_codes(weight, x.dtype)) * scales
+    if kernels is not None:  # more rows: the weight in x's dtype (one kernel), then cuBLAS with nothing after it
+        return F.linear(x, torch.ops.cogvlm.int8_dequantize(weight, scales, x.dtype))
     return F.linear(x, weight.to(x.dtype)) * scales
 
 

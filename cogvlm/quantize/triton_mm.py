@@ -8,7 +8,7 @@
   fp32 across K and scales at the end. Several rows (`_int8_rows`): the codes, converted in registers, are the
   first operand of `tl.dot` against x transposed, so the MMA's wide side is the output channels, not the handful of
   rows; programs sharing a weight tile are launched together, so it comes from L2 after the first read.
-- `int8_codes(codes, dtype)`, `int4_dequantize(nibbles, scales, zeros, dtype)`: the weight in `dtype` in one pass,
+- `int8_dequantize(codes, scales, dtype)`, `int4_dequantize(nibbles, scales, zeros, dtype)`: the weight in `dtype` in one pass,
   for products of more rows (the prefill's image positions), which then run at cuBLAS's rate.
 
 Codes become floats through integer logic and one float add (the bits 0x4B000000 + u are the float 2^23 + u), not
@@ -34,7 +34,7 @@ except ImportError:  # no Triton: `enabled()` is False and the callers use torch
 
 import os
 
-MAX_ROWS = 64  # int8_mm's rows; beyond, int8_codes + cuBLAS was faster (0.6-0.8x bf16 against 0.35-0.57x at 1226)
+MAX_ROWS = 64  # int8_mm's rows; beyond, dequantizing + cuBLAS was faster (0.6-0.8x bf16 against 0.35-0.57x at 1226)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, the parity tests) cannot time configurations: it runs this one of
 # each kernel's autotuning list.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,10 +113,12 @@ if triton is not None:
     # Dequantization into a temporary weight, for products of more rows (the prefill's image positions), which
     # then run at cuBLAS's rate.
     @triton.jit
-    def _int8_codes(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    def _int8_dequantize(w_ptr, s_ptr, out_ptr, numel, K, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + i, mask=i < numel, other=0)
-        tl.store(out_ptr + i, _int8_to_f32(w).to(out_ptr.dtype.element_ty), mask=i < numel)
+        ok = i < numel
+        w = _int8_to_f32(tl.load(w_ptr + i, mask=ok, other=0)) * tl.load(s_ptr + i // K, mask=ok, other=0.0).to(
+            tl.float32)
+        tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _int4_dequantize(w_ptr, s_ptr, z_ptr, out_ptr, n_words, G: tl.constexpr, BLOCK: tl.constexpr):
@@ -131,7 +133,7 @@ if triton is not None:
                  mask=ok[:, None])
 
 
-def _launch(kernel, grid, wrap, *args) -> None:
+def launch(kernel, grid, wrap, *args) -> None:
     if INTERPRETED:
         config = kernel.configs[interpreted_config % len(kernel.configs)].all_kwargs()
         kernel.fn[grid(config)](*args, **config)
@@ -144,19 +146,21 @@ def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wra
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     if M == 1:
-        _launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[0], weight, scales, y[0], N, K)
+        launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[0], weight, scales, y[0], N, K)
     else:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
         bucket = next(b for b in (2, 4, 8, 16, 32, MAX_ROWS) if M <= b or b == MAX_ROWS)  # (comparisons only:
         # M may be a symbolic size inside compiled layers)
-        _launch(_int8_rows, grid, wrap, x, weight, scales, y, M, N, K, bucket)
+        launch(_int8_rows, grid, wrap, x, weight, scales, y, M, N, K, bucket)
     return y
 
 
-def launch_int8_codes(weight: torch.Tensor, dtype: torch.dtype, wrap=lambda k: k) -> torch.Tensor:
-    """int8 codes -> the same integers in `dtype` (exact in bf16/fp16), one pass at copy speed."""
+def launch_int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                           wrap=lambda k: k) -> torch.Tensor:
+    """int8 codes x per-channel scales -> the (N, K) weight in `dtype` (computed in fp32, rounded once), one pass."""
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    wrap(_int8_codes)[(triton.cdiv(weight.numel(), 4096),)](weight, out, weight.numel(), BLOCK=4096)
+    wrap(_int8_dequantize)[(triton.cdiv(weight.numel(), 4096),)](weight, scales, out, weight.numel(),
+                                                                 weight.shape[1], BLOCK=4096)
     return out
 
 
@@ -177,9 +181,9 @@ if _OPS:
     def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return launch_int8(x, weight, scales, torch.library.wrap_triton)
 
-    @torch.library.triton_op("cogvlm::int8_codes", mutates_args=())
-    def int8_codes(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return launch_int8_codes(weight, dtype, torch.library.wrap_triton)
+    @torch.library.triton_op("cogvlm::int8_dequantize", mutates_args=())
+    def int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return launch_int8_dequantize(weight, scales, dtype, torch.library.wrap_triton)
 
     @torch.library.triton_op("cogvlm::int4_dequantize", mutates_args=())
     def int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

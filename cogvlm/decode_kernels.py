@@ -1,0 +1,196 @@
+"""Triton kernels for the batch-1 decode step (`cogvlm.fast_decode`): a decoder layer in seven kernels instead of ~15.
+
+A batch-1 decode step reads every language-path weight once; measured on an H200 (docs/benchmarks.md) the weight
+products ran at ~90 % of copy bandwidth, but the ~10 small kernels around them per layer (two RMSNorms, residual
+adds, the SwiGLU gate, rotary, three cache writes, the attention mask, cuBLAS's split-K reductions) and attention
+over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the products' first and last lines:
+
+- `gemv(x, w)`: y = x @ w.T for one row, reading w once (bf16/fp16/fp32 weights, or int8 codes + per-channel
+  scales). Options: `norm=(weight, eps)` applies RMSNorm to x on the fly (the sum of squares is accumulated in the
+  same pass and applied at the end: y = rsqrt(mean(x^2) + eps) * (w @ (weight * x)), which skips the rounding of the
+  normalized x to bf16 that the eager layer does); `gate=True` reads w as [gate | up] and returns silu(g) * u;
+  `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
+  layer's `x + sublayer(x)` does.
+- `rope_kv(qkv, cos, sin, k_cache, v_cache, pos)`: rotary on q and k, k and v written to cache slot `pos`, q out.
+- `attend(q, k_cache, v_cache, key_valid, pos)`: attention of one query per row and head over the cache slots
+  that are valid and not after `pos`, split over the cache (flash decoding: each program a chunk of slots, then a
+  short combine), so that 32 heads keep every SM reading; invalid slots are never loaded.
+
+They run in Triton's CPU interpreter too (tests, `TRITON_INTERPRET=1`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantize.triton_mm import INTERPRETED, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .quantize.triton_mm import _int8_to_f32, launch
+
+    def _configs(rows):
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in rows]
+
+    @triton.autotune(configs=_configs([(4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3),
+                                       (32, 256, 4, 3), (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3)]),
+                     key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"])
+    @triton.jit
+    def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
+              RESIDUAL: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            offsets = rn[:, None] * K + rk[None, :]
+            ok = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + offsets, mask=ok, other=0)
+            acc += (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
+            if GATE:  # the up row of the same channel, N rows further
+                u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
+                acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if INT8:
+            y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if NORM:
+            y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        if GATE:
+            up = tl.sum(acc_up, axis=1)
+            if INT8:
+                up *= tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            if NORM:
+                up *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the products in the layer's dtype, as eager
+            up = up.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = gate * tl.sigmoid(gate) * up
+        if RESIDUAL:  # (x is then the sublayer's input, in the layer's dtype)
+            y = tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32) + y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, S,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+        b, h = tl.program_id(0), tl.program_id(1)
+        j = tl.arange(0, BLOCK)
+        ok = j < HALF
+        c = tl.load(cos_ptr + b * HALF + j, mask=ok, other=0.0)
+        s = tl.load(sin_ptr + b * HALF + j, mask=ok, other=0.0)
+        row = qkv_ptr + b * 6 * H * HALF  # [q | k | v], each (H, 2 * HALF)
+        q1 = tl.load(row + h * 2 * HALF + j, mask=ok, other=0.0).to(tl.float32)
+        q2 = tl.load(row + h * 2 * HALF + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        k1 = tl.load(row + (H + h) * 2 * HALF + j, mask=ok, other=0.0).to(tl.float32)
+        k2 = tl.load(row + (H + h) * 2 * HALF + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        v1 = tl.load(row + (2 * H + h) * 2 * HALF + j, mask=ok, other=0.0)
+        v2 = tl.load(row + (2 * H + h) * 2 * HALF + HALF + j, mask=ok, other=0.0)
+        out = q_ptr + (b * H + h) * 2 * HALF
+        tl.store(out + j, (q1 * c - q2 * s).to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF + j, (q2 * c + q1 * s).to(q_ptr.dtype.element_ty), mask=ok)
+        slot = ((b * H + h) * S + tl.load(pos_ptr)) * 2 * HALF
+        tl.store(k_ptr + slot + j, (k1 * c - k2 * s).to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_ptr + slot + HALF + j, (k2 * c + k1 * s).to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_ptr + slot + j, v1, mask=ok)
+        tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
+
+    @triton.jit
+    def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        bh, c = tl.program_id(0), tl.program_id(1)
+        n_chunks = tl.num_programs(1)
+        b = bh // H
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        pos = tl.load(pos_ptr)
+        m = tl.max(tl.full((BLOCK_S,), -1e30, tl.float32), axis=0)  # running max (a float scalar)
+        l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)  # running sum of exp
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for s0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            valid = (s < S) & (s <= pos)
+            valid = valid & ((tl.load(valid_ptr + b * S + s, mask=valid, other=0) != 0) | (s == pos))
+            offsets = (bh * S + s)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -1e30)
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.where(valid, tl.exp(scores - m_new), 0.0)
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        part = bh * n_chunks + c
+        tl.store(o_ptr + part * D + d, acc, mask=d_ok)
+        tl.store(m_ptr + part, m)
+        tl.store(l_ptr + part, l)
+
+    @triton.jit
+    def _attend_combine(o_ptr, m_ptr, l_ptr, out_ptr, n_chunks, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        bh = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        c_ok = c < n_chunks
+        d = tl.arange(0, BLOCK_D)
+        m = tl.load(m_ptr + bh * n_chunks + c, mask=c_ok, other=-1e30)
+        weight = tl.where(c_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+        total = tl.sum(weight * tl.load(l_ptr + bh * n_chunks + c, mask=c_ok, other=0.0), axis=0)
+        o = tl.load(o_ptr + (bh * n_chunks + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & (d[None, :] < D),
+                    other=0.0)
+        tl.store(out_ptr + bh * D + d, (tl.sum(o * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty),
+                 mask=d < D)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
+         residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(K,) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) y; with gate, weight is (2N', K) and y (N',).
+    norm: (norm_weight (K,), eps) or None; residual: (N,) added at the end (y then has its dtype)."""
+    K = x.shape[-1]
+    N = weight.shape[0] // 2 if gate else weight.shape[0]
+    dtype = residual.dtype if residual is not None else out_dtype or (scales.dtype if scales is not None
+                                                                     else weight.dtype)
+    y = torch.empty(N, dtype=dtype, device=x.device)
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    int8 = weight.dtype == torch.int8
+    launch(_gemv, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), lambda k: k, x, weight,
+           scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
+           norm is not None, gate, residual is not None, int8)
+    return y
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            pos: torch.Tensor) -> torch.Tensor:
+    """qkv (B, 3 H hd); cos, sin (B, hd/2) fp32; caches (B, H, S, hd); pos (1,) long -> q (B, H, hd)."""
+    B, H, S, hd = k_cache.shape
+    q = torch.empty(B, H, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_kv[(B, H)](qkv, cos, sin, pos, q, k_cache, v_cache, H, S, HALF=hd // 2,
+                     BLOCK=triton.next_power_of_2(hd // 2))
+    return q
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor,
+           pos: torch.Tensor, block_s: int = 64) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd)."""
+    B, H, S, hd = k_cache.shape
+    n_chunks = max(1, min(triton.cdiv(S, block_s), triton.cdiv(256, B * H)))  # ~2 programs per SM on an H200
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), block_s) * block_s
+    n_chunks = triton.cdiv(S, chunk)
+    parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=q.device)
+    m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    block_d = triton.next_power_of_2(hd)
+    _attend_chunk[(B * H, n_chunks)](q, k_cache, v_cache, key_valid, pos, parts, m, l, H, S, chunk, hd ** -0.5,
+                                      D=hd, BLOCK_D=block_d, BLOCK_S=block_s)
+    out = torch.empty_like(q)
+    _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
+                              BLOCK_C=triton.next_power_of_2(n_chunks))
+    return out
+
+
+__all__ = ["INTERPRETED", "attend", "gemv", "rope_kv"]

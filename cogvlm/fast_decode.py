@@ -1,0 +1,97 @@
+"""The batch-1 decode step with the kernels of `cogvlm.decode_kernels`: seven kernels per decoder layer.
+
+`DecodeSession` records this step into its CUDA graph instead of `model(...)` when `FastStep.build` accepts the
+model. It computes what `CogVLM.forward` computes for one text token per row against the KV cache (every decode
+token takes the language expert), reading the same modules' weights:
+
+    qkv = [RMSNorm + QKV product]            q = rotary(q); k, v = rotary(k), v -> cache slot   (rope_kv)
+    a   = attention over the cache (split)   x = x + [dense product]
+    h   = [RMSNorm + gate|up product + SiLU gate]                 x = x + [down product]
+
+Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
+projection runs through its own module with the norm and the residual add in torch, and the rest keeps the kernels.
+A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step. `COGVLM_DECODE_KERNELS=0`
+turns this off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .llm import DecoderLayer, RMSNorm, rms_norm, rope_tables
+from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP, silu_gate
+
+STOCK = {"layer": DecoderLayer, "attn": VisualExpertAttention, "mlp": VisualExpertMLP, "attn_norm": RMSNorm,
+         "mlp_norm": RMSNorm, "mlp.language_expert": SwiGLU}
+
+
+class FastStep:
+    """The decode step of a batch-1 session: `step(tokens, key_valid, next_pos, cache_pos) -> (1, V)` logits."""
+
+    def __init__(self, model, caches, kernels):
+        self.model, self.caches, self.k = model, caches, kernels
+        self.dtype = model.dtype
+
+    @classmethod
+    def build(cls, model, batch_size: int, caches) -> "FastStep | None":
+        """The fast step for this model and session, or None where it does not apply (see the module's doc)."""
+        from .quantize import triton_mm
+
+        if os.environ.get("COGVLM_DECODE_KERNELS", "1") == "0" or batch_size != 1 or not triton_mm.enabled():
+            return None
+        device = caches[0].k.device
+        if not (device.type == "cuda" or triton_mm.INTERPRETED) or model.dtype not in (
+                torch.bfloat16, torch.float16, torch.float32):
+            return None
+        for layer in model.llm.layers:
+            parts = {"layer": layer, **{name: layer.get_submodule(name) for name in STOCK if name != "layer"}}
+            if any(type(m) is not STOCK[name] or m._forward_hooks or m._forward_pre_hooks for name, m in parts.items()):
+                return None
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        if any(p.device != device for p in model.llm.parameters()):
+            return None
+        from . import decode_kernels
+
+        return cls(model, caches, decode_kernels)
+
+    def step(self, tokens, key_valid, next_pos, cache_pos) -> torch.Tensor:
+        llm, k = self.model.llm, self.k
+        cfg = llm.cfg
+        x = llm.embed(tokens).view(-1).float()  # (D,): the residual stream in fp32, as LanguageModel.forward
+        cos, sin = (t.view(1, -1) for t in rope_tables(next_pos, cfg.head_dim, cfg.rope_theta))
+        for layer, cache in zip(llm.layers, self.caches):
+            attn, mlp = layer.attn, layer.mlp.language_expert
+            qkv = self.project(x, attn.language_expert_qkv, norm=layer.attn_norm)
+            q = k.rope_kv(qkv.view(1, -1), cos, sin, cache.k, cache.v, cache_pos)
+            a = k.attend(q, cache.k, cache.v, key_valid, cache_pos)
+            x = self.project(a.view(-1), attn.language_expert_dense, residual=x)
+            h = self.project(x, mlp.gate_up, norm=layer.mlp_norm, gate=True)
+            x = self.project(h, mlp.down, residual=x)
+        return llm.lm_head(llm.norm(x.view(1, 1, -1))).float()[:, -1]
+
+    def project(self, x, linear: nn.Module, norm: RMSNorm | None = None, gate: bool = False, residual=None):
+        """One projection of one row: norm(x) @ W.T, then the SwiGLU gate or the residual add, in one kernel when
+        the kernels read this layer's weight; else through the module itself."""
+        weight, scales = self.weights(linear)
+        if weight is not None:
+            return self.k.gemv(x, weight, scales, norm=None if norm is None else (norm.weight, norm.eps), gate=gate,
+                               residual=residual, out_dtype=self.dtype)
+        h = rms_norm(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
+        y = linear(h.view(1, 1, -1)).view(-1)
+        if gate:
+            y = silu_gate(y)
+        return y if residual is None else residual + y.float()
+
+    def weights(self, linear: nn.Module):
+        """(weight, scales) the kernels read: a plain linear layer's weight in the model's dtype (scales None), or an
+        int8 layer's codes and scales; (None, None) for anything else."""
+        from .quantize.linear import Int8Linear
+
+        if type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == self.dtype:
+            return linear.weight, None
+        if type(linear) is Int8Linear and linear.bias is None and linear.weight.dtype == torch.int8:
+            return linear.weight, linear.scales
+        return None, None

@@ -1,0 +1,169 @@
+"""The batch-1 decode step in Triton kernels (`cogvlm.fast_decode`, `cogvlm.decode_kernels`) against the model's own
+step, on the fixture checkpoint, in Triton's CPU interpreter (in a child process: the interpreter is chosen when the
+kernels are defined): the kernels one by one against torch, then whole decode steps, fp32 (tight) and with int8
+layers and a swapped-in projection (the per-projection fallback), and when the fast step must not be used."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_kernels() -> None:
+    from cogvlm import decode_kernels as D
+    from cogvlm.quantize import triton_mm as T
+    from cogvlm.quantize.linear import quantize_int8
+
+    torch.manual_seed(0)
+    N, K = 40, 320  # not multiples of the blocks: partial tiles
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2 * torch.finfo(torch.bfloat16).eps)):
+        for config in range(len(D._gemv.configs)):
+            T.interpreted_config = config
+            w = (torch.randn(2 * N, K) * 0.05).to(dtype)
+            x, nw, r = torch.randn(K), torch.rand(K) + 0.5, torch.randn(N)
+            xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * nw
+            q8 = quantize_int8(w.float())
+            w8 = q8["weight"].float() * q8["scales"].float()[:, None]
+            gated = lambda gu: F.silu(gu[:N]) * gu[N:]  # noqa: E731
+            cases = {
+                "plain": (D.gemv(x.to(dtype), w[:N]), F.linear(x.to(dtype).float(), w[:N].float())),
+                "norm": (D.gemv(x, w[:N], norm=(nw, 1e-5), out_dtype=dtype), F.linear(xn, w[:N].float())),
+                "norm+gate": (D.gemv(x, w, norm=(nw, 1e-5), gate=True, out_dtype=dtype),
+                              gated(F.linear(xn, w.float()))),
+                "residual": (D.gemv(x.to(dtype), w[:N], residual=r), r + F.linear(x.to(dtype).float(), w[:N].float())),
+                "int8": (D.gemv(x.to(dtype), q8["weight"][:N], q8["scales"][:N].to(dtype), out_dtype=dtype),
+                         F.linear(x.to(dtype).float(), w8[:N])),
+                "int8 norm+gate": (D.gemv(x, q8["weight"], q8["scales"].to(dtype), norm=(nw, 1e-5), gate=True,
+                                          out_dtype=dtype), gated(F.linear(xn, w8))),
+            }
+            for name, (got, want) in cases.items():
+                assert got.shape == want.shape, name
+                assert rel(got, want) < bound, f"{name}, config {config}, {dtype}: {rel(got, want):.2e}"
+            assert cases["residual"][0].dtype == torch.float32
+    B, H, S, hd, pos = 2, 3, 150, 16, 97
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        qkv = torch.randn(B, 3 * H * hd).to(dtype)
+        angles = torch.randn(B, hd // 2)
+        cos, sin = angles.cos(), angles.sin()
+        k_cache, v_cache = torch.randn(B, H, S, hd).to(dtype), torch.randn(B, H, S, hd).to(dtype)
+        before = k_cache.clone(), v_cache.clone()
+        q = D.rope_kv(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]))
+        t = qkv.view(B, 3, H, hd).float()
+
+        def rotary(z):
+            z1, z2 = z.chunk(2, -1)
+            c, s = cos[:, None], sin[:, None]
+            return torch.cat([z1 * c - z2 * s, z2 * c + z1 * s], -1)
+
+        assert rel(q, rotary(t[:, 0])) < bound and rel(k_cache[:, :, pos], rotary(t[:, 1])) < bound
+        assert torch.equal(v_cache[:, :, pos], t[:, 2].to(dtype))
+        others = torch.arange(S) != pos
+        assert torch.equal(k_cache[:, :, others], before[0][:, :, others])
+        assert torch.equal(v_cache[:, :, others], before[1][:, :, others])
+        valid = torch.rand(B, S) > 0.3
+        valid[:, pos + 1:] = True  # slots after pos are ignored even where marked valid
+        valid[:, pos] = False  # and the query's own slot is always seen
+        out = D.attend(q, k_cache, v_cache, valid, torch.tensor([pos]))
+        mask = valid.clone()
+        mask[:, pos + 1:], mask[:, pos] = False, True
+        want = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache.float(), v_cache.float(),
+                                              attn_mask=mask[:, None, None])[:, :, 0]
+        assert out.shape == q.shape and rel(out, want) < bound, f"attend {dtype}: {rel(out, want):.2e}"
+
+
+def fixture_model():
+    import tempfile
+
+    from cogvlm import CogVLM
+    from cogvlm.convert import convert
+    from tests.test_generate import FIXTURES, MANIFEST, SINGLE, TOKENIZER, case_tensors
+
+    out = convert(FIXTURES / MANIFEST.get("model_dir", "model"), Path(tempfile.mkdtemp()) / "converted", dtype="fp32",
+                  tokenizer=TOKENIZER)
+    model = CogVLM.from_pretrained(out, device="cpu", dtype=torch.float32)
+    image_case = next(n for n in SINGLE if "pixel_values" in case_tensors(n))
+    return model, case_tensors(image_case)
+
+
+def decode_both(model, t, steps: int = 6) -> tuple[float, int]:
+    """Decode `steps` greedy tokens with the model's step and with the fast step from the same prompt; returns the
+    largest relative difference of their logits and how many greedy tokens agree."""
+    from cogvlm.fast_decode import FastStep
+    from cogvlm.generate import DecodeSession
+
+    sessions = [DecodeSession(model, 1, t["input_ids"].shape[1] + steps + 3, cuda_graph=False) for _ in range(2)]
+    fast = FastStep.build(model, 1, sessions[1].caches)
+    assert fast is not None
+    sessions[1].fast = fast
+    logits = [s.prefill(t["input_ids"], t["token_type_ids"], pixel_values=t["pixel_values"]) for s in sessions]
+    worst, agree = 0.0, 0
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = [lg.argmax(-1) for lg in logits]
+            agree += int(torch.equal(*tokens))
+            logits = [s.step(tokens[0]) for s in sessions]  # both fed the model's token
+            worst = max(worst, rel(logits[1], logits[0]))
+    for a, b in zip(*(s.caches for s in sessions)):  # the caches the fast step wrote hold the same keys and values
+        assert rel(b.k, a.k) < 1e-4 and rel(b.v, a.v) < 1e-4
+    return worst, agree
+
+
+def check_decode_steps() -> None:
+    from torch import nn
+
+    from cogvlm.fast_decode import FastStep
+    from cogvlm.quantize import QuantSpec, pack_model, quantize_model
+
+    model, t = fixture_model()
+    worst, agree = decode_both(model, t)
+    assert worst < 1e-4 and agree == 6, (worst, agree)
+    # a swapped-in projection (here a Sequential around the same linear) runs through its own module
+    mlp = model.llm.layers[0].mlp.language_expert
+    mlp.down = nn.Sequential(mlp.down)
+    worst, agree = decode_both(model, t)
+    assert worst < 1e-4 and agree == 6, (worst, agree)
+    mlp.down = mlp.down[0]
+    quantize_model(model, QuantSpec("int8"))
+    pack_model(model, torch.float32)
+    worst, agree = decode_both(model, t)
+    assert worst < 1e-3 and agree == 6, (worst, agree)
+    caches = model.new_kv_caches(1, 8)
+    assert FastStep.build(model, 2, model.new_kv_caches(2, 8)) is None  # batch 1 only
+    handle = model.llm.layers[1].register_forward_hook(lambda *a: None)
+    assert FastStep.build(model, 1, caches) is None  # a hook would be skipped: the ordinary step
+    handle.remove()
+    assert FastStep.build(model, 1, caches) is not None
+    os.environ["COGVLM_DECODE_KERNELS"] = "0"
+    assert FastStep.build(model, 1, caches) is None
+
+
+def run_interpreted(function: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", f"import tests.test_fast_decode as t; t.{function}()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_decode_kernels_match_torch_in_the_interpreter():
+    run_interpreted("check_kernels")
+
+
+def test_fast_step_decodes_as_the_model_in_the_interpreter():
+    run_interpreted("check_decode_steps")
+
+
+def test_sessions_on_the_cpu_keep_the_model_step():
+    from cogvlm.generate import DecodeSession
+
+    model, _ = fixture_model()
+    assert DecodeSession(model, 1, 16).fast is None  # no CUDA graph on the CPU: the ordinary step
