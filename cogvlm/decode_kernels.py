@@ -32,8 +32,11 @@ if triton is not None:
     def _configs(rows):
         return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in rows]
 
-    @triton.autotune(configs=_configs([(4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3),
-                                       (32, 256, 4, 3), (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3)]),
+    # (BLOCK_N, BLOCK_K, warps, stages): the first eight are the int8 product's (`triton_mm._int8_row`)
+    @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),
+                                       (32, 256, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 3),
+                                       (4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
+                                       (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"])
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
@@ -117,13 +120,13 @@ if triton is not None:
             valid = (s < S) & (s <= pos)
             valid = valid & ((tl.load(valid_ptr + b * S + s, mask=valid, other=0) != 0) | (s == pos))
             offsets = (bh * S + s)[:, None] * D + d[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -1e30)
+            k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)  # (both loads in flight)
+            scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1e30)
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             p = tl.where(valid, tl.exp(scores - m_new), 0.0)
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
         part = bh * n_chunks + c
@@ -174,11 +177,16 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: to
     return q
 
 
+MAX_CHUNKS = 64
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor,
            pos: torch.Tensor, block_s: int = 64) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd)."""
     B, H, S, hd = k_cache.shape
-    n_chunks = max(1, min(triton.cdiv(S, block_s), triton.cdiv(256, B * H)))  # ~2 programs per SM on an H200
+    # One block of slots per program (768 programs for 32 heads and 1536 slots: a first version with ~2 programs
+    # per SM read the cache at 1.2 TB/s on an H200), at most MAX_CHUNKS chunks per head for long caches.
+    n_chunks = min(triton.cdiv(S, block_s), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), block_s) * block_s
     n_chunks = triton.cdiv(S, chunk)
     parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=q.device)

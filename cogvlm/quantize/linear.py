@@ -127,9 +127,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     kernels = triton_kernels(x, x.dtype)
     if kernels is not None and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        return torch.ops.cogvlm.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
+        return kernels.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
     if kernels is not None:  # more rows: the weight in x's dtype (one kernel), then cuBLAS with nothing after it
-        return F.linear(x, torch.ops.cogvlm.int8_dequantize(weight, scales, x.dtype))
+        return F.linear(x, kernels.int8_dequantize(weight, scales, x.dtype))
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
@@ -339,8 +339,9 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self, dtype=None) -> torch.Tensor:
         if self.kernel is None:
             dtype = dtype or self.scales.dtype
-            if triton_kernels(self.weight, dtype) is not None:
-                return torch.ops.cogvlm.int4_dequantize(self.weight, self.scales, self.zeros, dtype)
+            kernels = triton_kernels(self.weight, dtype)
+            if kernels is not None:
+                return kernels.int4_dequantize(self.weight, self.scales, self.zeros, dtype)
             with fused_kernels():  # one kernel on CUDA
                 return dequantize_int4(self.weight, self.scales, self.zeros, dtype)
         sz = self.scale_zeros

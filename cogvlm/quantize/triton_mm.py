@@ -178,14 +178,34 @@ def launch_int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: t
 _OPS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 if _OPS:
     @torch.library.triton_op("cogvlm::int8_mm", mutates_args=())
-    def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def _int8_mm_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return launch_int8(x, weight, scales, torch.library.wrap_triton)
 
     @torch.library.triton_op("cogvlm::int8_dequantize", mutates_args=())
-    def int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _int8_dequantize_op(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return launch_int8_dequantize(weight, scales, dtype, torch.library.wrap_triton)
 
     @torch.library.triton_op("cogvlm::int4_dequantize", mutates_args=())
-    def int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        dtype: torch.dtype) -> torch.Tensor:
+    def _int4_dequantize_op(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            dtype: torch.dtype) -> torch.Tensor:
         return launch_int4_dequantize(nibbles, scales, zeros, dtype, torch.library.wrap_triton)
+
+
+# What the layers call: the custom op inside compiled code (so the compiler traces it), a plain launch otherwise (the
+# op's dispatch cost ~100 us of host time per call on an H200's host, ~60 ms of an int8 prefill's 500 calls).
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    compiling = torch.compiler.is_compiling()
+    return torch.ops.cogvlm.int8_mm(x, weight, scales) if compiling else launch_int8(x, weight, scales)
+
+
+def int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    compiling = torch.compiler.is_compiling()
+    return (torch.ops.cogvlm.int8_dequantize(weight, scales, dtype) if compiling
+            else launch_int8_dequantize(weight, scales, dtype))
+
+
+def int4_dequantize(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    compiling = torch.compiler.is_compiling()
+    return (torch.ops.cogvlm.int4_dequantize(nibbles, scales, zeros, dtype) if compiling
+            else launch_int4_dequantize(nibbles, scales, zeros, dtype))
