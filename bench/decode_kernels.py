@@ -5,7 +5,8 @@ work, at CogVLM-17B's shapes, with the copy bandwidth measured in the same run.
 
 Each is timed inside a CUDA graph of 20 launches (`bench/quant_kernels.graph_time`), after autotuning. The weight
 products: cuBLAS `F.linear` (plus the separate RMSNorm / SiLU gate / residual-add kernels where the fused kernel does
-that work too) against `gemv`; GB/s counts the weight's bytes. Attention: `F.scaled_dot_product_attention` with the
+that work too) against `gemv`; GB/s counts the weight's bytes; "int8" rows: the int8 layers' one-row product
+(`triton_mm.int8_mm`, in the cuBLAS column) with the same separate kernels, against `gemv` on the codes. Attention: `F.scaled_dot_product_attention` with the
 boolean mask over every cache slot (the ordinary step) against `attend`; GB/s counts the filled slots' keys and values.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from bench.quant_kernels import graph_time  # noqa: E402
 from cogvlm import decode_kernels as D  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.llm import rms_norm  # noqa: E402
+from cogvlm.quantize import triton_mm  # noqa: E402
+from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 from cogvlm.visual_expert import silu_gate  # noqa: E402
 
 
@@ -44,6 +47,7 @@ def product_rows(cfg) -> list[dict]:
         else:
             plain = lambda w=w, x=x: x32[: w.shape[0]] + F.linear(x, w).float()  # noqa: E731
             fused = lambda w=w, x=x: D.gemv(x, w, residual=x32[: w.shape[0]])  # noqa: E731
+        rows.append(int8_row(name, w, x, x32, nw))
         got, want = fused(), plain()
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         t_plain, t_fused, t_gemm = graph_time(plain), graph_time(fused), graph_time(lambda w=w, x=x: F.linear(x, w))
@@ -54,20 +58,42 @@ def product_rows(cfg) -> list[dict]:
     return rows
 
 
-def attention_row(cfg, slots: int, filled: int) -> dict:
+def int8_row(name: str, w, x, x32, nw) -> dict:
+    """The same product on int8 codes: the quantized layers' own one-row product (+ the ordinary step's separate
+    kernels) against the fused `gemv`; GB/s counts the int8 bytes."""
+    q8 = quantize_int8(w)
+    codes, scales = q8["weight"], q8["scales"]
+    gate, norm = "gate" in name, "norm" in name
+    if norm:
+        plain = lambda: (silu_gate if gate else lambda y: y)(  # noqa: E731
+            triton_mm.int8_mm(rms_norm(x32, nw, 1e-5)[None], codes, scales))
+        fused = lambda: D.gemv(x32, codes, scales, norm=(nw, 1e-5), gate=gate, out_dtype=x.dtype)  # noqa: E731
+    else:
+        plain = lambda: x32[: w.shape[0]] + triton_mm.int8_mm(x[None], codes, scales)[0].float()  # noqa: E731
+        fused = lambda: D.gemv(x, codes, scales, residual=x32[: w.shape[0]])  # noqa: E731
+    err = ((fused().float().view(-1) - plain().float().view(-1)).norm() / plain().float().norm()).item()
+    t_plain, t_fused = graph_time(plain), graph_time(fused)
+    t_alone = graph_time(lambda: triton_mm.int8_mm(x[None], codes, scales))
+    gb = codes.numel() / 1e9
+    return {"kernel": "int8 " + name, "shape": f"{w.shape[0]}x{w.shape[1]}", "cublas_us": t_alone * 1e6,
+            "ordinary_us": t_plain * 1e6, "fused_us": t_fused * 1e6, "cublas_GBs": gb / t_alone,
+            "fused_GBs": gb / t_fused, "speedup": t_plain / t_fused, "rel_err": err}
+
+
+def attention_row(cfg, slots: int, filled: int, batch: int = 1) -> dict:
     t, dt = cfg.text, torch.bfloat16
     H, hd = t.num_attention_heads, t.head_dim
-    k, v = (torch.randn(1, H, slots, hd, device="cuda", dtype=dt) for _ in range(2))
-    q = torch.randn(1, H, hd, device="cuda", dtype=dt)
-    valid = torch.zeros(1, slots, dtype=torch.bool, device="cuda")
+    k, v = (torch.randn(batch, H, slots, hd, device="cuda", dtype=dt) for _ in range(2))
+    q = torch.randn(batch, H, hd, device="cuda", dtype=dt)
+    valid = torch.zeros(batch, slots, dtype=torch.bool, device="cuda")
     valid[:, :filled] = True
     pos = torch.tensor([filled - 1], device="cuda")
     ordinary = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None])  # noqa
     fused = lambda: D.attend(q, k, v, valid, pos)  # noqa: E731
     err = ((fused().float() - ordinary()[:, :, 0].float()).norm() / ordinary().float().norm()).item()
     t_plain, t_fused = graph_time(ordinary), graph_time(fused)
-    gb = 2 * 2 * H * filled * hd / 1e9
-    return {"kernel": f"attention ({filled} of {slots} slots)", "ordinary_us": t_plain * 1e6, "fused_us": t_fused * 1e6,
+    gb = batch * 2 * 2 * H * filled * hd / 1e9
+    return {"kernel": f"attention, batch {batch} ({filled} of {slots} slots)", "ordinary_us": t_plain * 1e6, "fused_us": t_fused * 1e6,
             "ordinary_GBs": gb / t_plain, "fused_GBs": gb / t_fused, "speedup": t_plain / t_fused, "rel_err": err}
 
 
@@ -80,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = CogVLMConfig.load(args.preset)
     copy = copy_bandwidth() / 1e9
-    rows = product_rows(cfg) + [attention_row(cfg, args.slots, args.filled)]
+    rows = product_rows(cfg) + [attention_row(cfg, args.slots, args.filled, b) for b in (1, 8)]
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
     print("| kernel | cuBLAS alone | ordinary step | fused kernel | GB/s (cuBLAS / fused) | speedup | rel. err |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

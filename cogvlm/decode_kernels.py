@@ -102,6 +102,8 @@ if triton is not None:
         tl.store(v_ptr + slot + j, v1, mask=ok)
         tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
 
+    @triton.autotune(configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in
+                              ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
     def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -177,24 +179,25 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: to
     return q
 
 
-MAX_CHUNKS = 64
+CHUNK_STEP, MAX_CHUNKS = 64, 64  # a chunk is a multiple of CHUNK_STEP slots (and of every BLOCK_S)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor,
-           pos: torch.Tensor, block_s: int = 64) -> torch.Tensor:
+           pos: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd)."""
     B, H, S, hd = k_cache.shape
-    # One block of slots per program (768 programs for 32 heads and 1536 slots: a first version with ~2 programs
-    # per SM read the cache at 1.2 TB/s on an H200), at most MAX_CHUNKS chunks per head for long caches.
-    n_chunks = min(triton.cdiv(S, block_s), MAX_CHUNKS)
-    chunk = triton.cdiv(triton.cdiv(S, n_chunks), block_s) * block_s
+    # Chunks of 64 slots (768 programs for 32 heads and 1536 slots; a first version with ~2 programs per SM read the
+    # cache at 1.2 TB/s on an H200), at most MAX_CHUNKS per head for long caches; each program walks its chunk in
+    # blocks of the autotuned BLOCK_S.
+    n_chunks = min(triton.cdiv(S, CHUNK_STEP), MAX_CHUNKS)
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), CHUNK_STEP) * CHUNK_STEP
     n_chunks = triton.cdiv(S, chunk)
     parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=q.device)
     m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     block_d = triton.next_power_of_2(hd)
-    _attend_chunk[(B * H, n_chunks)](q, k_cache, v_cache, key_valid, pos, parts, m, l, H, S, chunk, hd ** -0.5,
-                                      D=hd, BLOCK_D=block_d, BLOCK_S=block_s)
+    launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, q, k_cache, v_cache, key_valid, pos, parts, m, l,
+           H, S, chunk, hd ** -0.5, hd, block_d)
     out = torch.empty_like(q)
     _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
                               BLOCK_C=triton.next_power_of_2(n_chunks))

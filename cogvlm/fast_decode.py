@@ -1,4 +1,4 @@
-"""The batch-1 decode step with the kernels of `cogvlm.decode_kernels`: seven kernels per decoder layer.
+"""The decode step with the kernels of `cogvlm.decode_kernels`: at batch 1, seven kernels per decoder layer.
 
 `DecodeSession` records this step into its CUDA graph instead of `model(...)` when `FastStep.build` accepts the
 model. It computes what `CogVLM.forward` computes for one text token per row against the KV cache (every decode
@@ -10,7 +10,8 @@ token takes the language expert), reading the same modules' weights:
 
 Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
 projection runs through its own module with the norm and the residual add in torch, and the rest keeps the kernels.
-A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step. `COGVLM_DECODE_KERNELS=0`
+At batches 2..MAX_BATCH the products are cuBLAS's (through the modules) and rotary, the cache writes and attention
+keep the kernels. A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step. `COGVLM_DECODE_KERNELS=0`
 turns this off.
 """
 from __future__ import annotations
@@ -23,12 +24,13 @@ from torch import nn
 from .llm import DecoderLayer, RMSNorm, rms_norm, rope_tables
 from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP, silu_gate
 
+MAX_BATCH = 16  # beyond, the compiled layers' step was not compared with this one (at 32 it reads 85 % of the floor)
 STOCK = {"layer": DecoderLayer, "attn": VisualExpertAttention, "mlp": VisualExpertMLP, "attn_norm": RMSNorm,
          "mlp_norm": RMSNorm, "mlp.language_expert": SwiGLU}
 
 
 class FastStep:
-    """The decode step of a batch-1 session: `step(tokens, key_valid, next_pos, cache_pos) -> (1, V)` logits."""
+    """The decode step of a session: `step(tokens, key_valid, next_pos, cache_pos) -> (B, V)` logits."""
 
     def __init__(self, model, caches, kernels):
         self.model, self.caches, self.k = model, caches, kernels
@@ -39,7 +41,7 @@ class FastStep:
         """The fast step for this model and session, or None where it does not apply (see the module's doc)."""
         from .quantize import triton_mm
 
-        if os.environ.get("COGVLM_DECODE_KERNELS", "1") == "0" or batch_size != 1 or not triton_mm.enabled():
+        if os.environ.get("COGVLM_DECODE_KERNELS", "1") == "0" or batch_size > MAX_BATCH or not triton_mm.enabled():
             return None
         device = caches[0].k.device
         if not (device.type == "cuda" or triton_mm.INTERPRETED) or model.dtype not in (
@@ -60,27 +62,31 @@ class FastStep:
     def step(self, tokens, key_valid, next_pos, cache_pos) -> torch.Tensor:
         llm, k = self.model.llm, self.k
         cfg = llm.cfg
-        x = llm.embed(tokens).view(-1).float()  # (D,): the residual stream in fp32, as LanguageModel.forward
-        cos, sin = (t.view(1, -1) for t in rope_tables(next_pos, cfg.head_dim, cfg.rope_theta))
+        B = tokens.shape[0]
+        x = llm.embed(tokens).view(B, -1).float()  # (B, D): the residual stream in fp32, as LanguageModel.forward
+        cos, sin = (t.view(B, -1) for t in rope_tables(next_pos, cfg.head_dim, cfg.rope_theta))
         for layer, cache in zip(llm.layers, self.caches):
             attn, mlp = layer.attn, layer.mlp.language_expert
             qkv = self.project(x, attn.language_expert_qkv, norm=layer.attn_norm)
-            q = k.rope_kv(qkv.view(1, -1), cos, sin, cache.k, cache.v, cache_pos)
+            q = k.rope_kv(qkv, cos, sin, cache.k, cache.v, cache_pos)
             a = k.attend(q, cache.k, cache.v, key_valid, cache_pos)
-            x = self.project(a.view(-1), attn.language_expert_dense, residual=x)
+            x = self.project(a.view(B, -1), attn.language_expert_dense, residual=x)
             h = self.project(x, mlp.gate_up, norm=layer.mlp_norm, gate=True)
             x = self.project(h, mlp.down, residual=x)
-        return llm.lm_head(llm.norm(x.view(1, 1, -1))).float()[:, -1]
+        return llm.lm_head(llm.norm(x[:, None])).float()[:, -1]
 
     def project(self, x, linear: nn.Module, norm: RMSNorm | None = None, gate: bool = False, residual=None):
-        """One projection of one row: norm(x) @ W.T, then the SwiGLU gate or the residual add, in one kernel when
-        the kernels read this layer's weight; else through the module itself."""
-        weight, scales = self.weights(linear)
+        """One projection of (B, K) rows: norm(x) @ W.T, then the SwiGLU gate or the residual add; in one kernel for
+        one row when the kernels read this layer's weight, else through the module itself (cuBLAS for several
+        rows)."""
+        weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
         if weight is not None:
-            return self.k.gemv(x, weight, scales, norm=None if norm is None else (norm.weight, norm.eps), gate=gate,
-                               residual=residual, out_dtype=self.dtype)
+            y = self.k.gemv(x.view(-1), weight, scales, norm=None if norm is None else (norm.weight, norm.eps),
+                            gate=gate, residual=None if residual is None else residual.view(-1),
+                            out_dtype=self.dtype)
+            return y.view(1, -1)
         h = rms_norm(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
-        y = linear(h.view(1, 1, -1)).view(-1)
+        y = linear(h[:, None]).squeeze(1)
         if gate:
             y = silu_gate(y)
         return y if residual is None else residual + y.float()

@@ -51,7 +51,9 @@ def check_kernels() -> None:
                 assert rel(got, want) < bound, f"{name}, config {config}, {dtype}: {rel(got, want):.2e}"
             assert cases["residual"][0].dtype == torch.float32
     B, H, S, hd, pos = 2, 3, 150, 16, 97
-    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for (dtype, bound), config in [(d, c) for d in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))
+                                   for c in range(len(D._attend_chunk.configs))]:
+        T.interpreted_config = config
         qkv = torch.randn(B, 3 * H * hd).to(dtype)
         angles = torch.randn(B, hd // 2)
         cos, sin = angles.cos(), angles.sin()
@@ -86,13 +88,13 @@ def fixture_model():
 
     from cogvlm import CogVLM
     from cogvlm.convert import convert
-    from tests.test_generate import FIXTURES, MANIFEST, SINGLE, TOKENIZER, case_tensors
+    from tests.test_generate import BATCHED, FIXTURES, MANIFEST, SINGLE, TOKENIZER, case_tensors
 
     out = convert(FIXTURES / MANIFEST.get("model_dir", "model"), Path(tempfile.mkdtemp()) / "converted", dtype="fp32",
                   tokenizer=TOKENIZER)
     model = CogVLM.from_pretrained(out, device="cpu", dtype=torch.float32)
     image_case = next(n for n in SINGLE if "pixel_values" in case_tensors(n))
-    return model, case_tensors(image_case)
+    return model, case_tensors(image_case), case_tensors(BATCHED[0]) if BATCHED else None
 
 
 def decode_both(model, t, steps: int = 6) -> tuple[float, int]:
@@ -101,16 +103,18 @@ def decode_both(model, t, steps: int = 6) -> tuple[float, int]:
     from cogvlm.fast_decode import FastStep
     from cogvlm.generate import DecodeSession
 
-    sessions = [DecodeSession(model, 1, t["input_ids"].shape[1] + steps + 3, cuda_graph=False) for _ in range(2)]
-    fast = FastStep.build(model, 1, sessions[1].caches)
+    B = t["input_ids"].shape[0]
+    sessions = [DecodeSession(model, B, t["input_ids"].shape[1] + steps + 3, cuda_graph=False) for _ in range(2)]
+    fast = FastStep.build(model, B, sessions[1].caches)
     assert fast is not None
     sessions[1].fast = fast
-    logits = [s.prefill(t["input_ids"], t["token_type_ids"], pixel_values=t["pixel_values"]) for s in sessions]
+    logits = [s.prefill(t["input_ids"], t["token_type_ids"], t.get("attention_mask"), t.get("pixel_values"))
+              for s in sessions]
     worst, agree = 0.0, 0
     with torch.no_grad():
         for _ in range(steps):
             tokens = [lg.argmax(-1) for lg in logits]
-            agree += int(torch.equal(*tokens))
+            agree += int((tokens[0] == tokens[1]).all())
             logits = [s.step(tokens[0]) for s in sessions]  # both fed the model's token
             worst = max(worst, rel(logits[1], logits[0]))
     for a, b in zip(*(s.caches for s in sessions)):  # the caches the fast step wrote hold the same keys and values
@@ -124,7 +128,7 @@ def check_decode_steps() -> None:
     from cogvlm.fast_decode import FastStep
     from cogvlm.quantize import QuantSpec, pack_model, quantize_model
 
-    model, t = fixture_model()
+    model, t, batched = fixture_model()
     worst, agree = decode_both(model, t)
     assert worst < 1e-4 and agree == 6, (worst, agree)
     # a swapped-in projection (here a Sequential around the same linear) runs through its own module
@@ -133,12 +137,15 @@ def check_decode_steps() -> None:
     worst, agree = decode_both(model, t)
     assert worst < 1e-4 and agree == 6, (worst, agree)
     mlp.down = mlp.down[0]
+    if batched is not None:  # several rows, left padding: cuBLAS products, the other kernels
+        worst, agree = decode_both(model, batched)
+        assert worst < 1e-4 and agree == 6, (worst, agree)
     quantize_model(model, QuantSpec("int8"))
     pack_model(model, torch.float32)
     worst, agree = decode_both(model, t)
     assert worst < 1e-3 and agree == 6, (worst, agree)
     caches = model.new_kv_caches(1, 8)
-    assert FastStep.build(model, 2, model.new_kv_caches(2, 8)) is None  # batch 1 only
+    assert FastStep.build(model, 17, model.new_kv_caches(17, 8)) is None  # up to MAX_BATCH rows
     handle = model.llm.layers[1].register_forward_hook(lambda *a: None)
     assert FastStep.build(model, 1, caches) is None  # a hook would be skipped: the ordinary step
     handle.remove()
@@ -165,5 +172,5 @@ def test_fast_step_decodes_as_the_model_in_the_interpreter():
 def test_sessions_on_the_cpu_keep_the_model_step():
     from cogvlm.generate import DecodeSession
 
-    model, _ = fixture_model()
+    model, _, _ = fixture_model()
     assert DecodeSession(model, 1, 16).fast is None  # no CUDA graph on the CPU: the ordinary step
