@@ -16,6 +16,7 @@ import torch
 from .fusion import fused_kernels
 from .layout import VISION_TOKEN_TYPE, build_position_ids
 from .model import CogVLM
+from .kept import KEPT_SESSION, release_session  # noqa: F401 - (release_session: its old home)
 from .sampling import check_sampling, process_logits, row_generators
 
 
@@ -203,12 +204,6 @@ def session_length(model: CogVLM, max_len: int) -> int:
     return max_len if max_len > limit else min(limit, -(-max_len // SESSION_LENGTH_STEP) * SESSION_LENGTH_STEP)
 
 
-def release_session(model: CogVLM) -> None:
-    """Free the session kept on `model` (its KV caches and graph), e.g. between evaluations during training."""
-    model.__dict__.pop(KEPT_SESSION, None)
-
-
-KEPT_SESSION = "_decode_session"  # where the model keeps its session (a plain attribute, not a submodule)
 SESSION_LENGTH_STEP = 256
 
 

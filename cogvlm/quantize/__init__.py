@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..generate import release_session
+from ..kept import release_session
 from ..shards import CheckpointError
 from ..swap import replace_modules, set_submodule
 from .linear import GROUP_SIZES, LINEARS, MODES, Int4Linear, Int8Linear, QuantizedLinear, check_group_size
