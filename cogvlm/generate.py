@@ -14,9 +14,9 @@ from typing import Iterator
 import torch
 
 from .fusion import fused_kernels
+from .kept import KEPT_SESSION
 from .layout import VISION_TOKEN_TYPE, build_position_ids
 from .model import CogVLM
-from .kept import KEPT_SESSION, release_session  # noqa: F401 - (release_session: its old home)
 from .sampling import check_sampling, process_logits, row_generators
 
 

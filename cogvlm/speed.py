@@ -20,6 +20,8 @@ import warnings
 import torch
 from torch import nn
 
+from .kept import release_session
+
 COMPILED = "_cogvlm_eager_forward"  # where a compiled block keeps its eager forward
 
 
@@ -44,8 +46,6 @@ def compile_layers(model: nn.Module, backend: str | object = "inductor") -> nn.M
     """Compile each ViT block and decoder layer of `model` in place; returns the model. Calling it again does
     nothing; a kept decode session is dropped (its graph recorded the eager layers). `backend`: torch.compile's
     (tests pass their own)."""
-    from .generate import release_session
-
     keep_addmm_fused()
     for block in blocks(model):
         if COMPILED in block.__dict__:
@@ -103,8 +103,6 @@ def _refuse_half(check):
 
 def uncompile_layers(model: nn.Module) -> nn.Module:
     """Undo `compile_layers` (e.g. to time eager against compiled in one process)."""
-    from .generate import release_session
-
     for block in blocks(model):
         if COMPILED in block.__dict__:
             del block.__dict__["forward"]

@@ -17,6 +17,7 @@ from ..convert import TOKENIZER_FILE
 from .. import generate as decoding
 from ..data import ConversationDataset
 from ..hub import resolve
+from ..kept import release_session
 from ..layout import IGNORE_INDEX
 from ..loading import default_dtype, load_model
 from ..model import CogVLM
@@ -67,7 +68,7 @@ def generate_answers(
         out = decoding.generate(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], pixels,
                                 max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, cache_dtype=autocast_dtype,
                                 cuda_graph=False)
-    decoding.release_session(model)  # training steps follow: do not keep the evaluation's KV caches allocated
+    release_session(model)  # training steps follow: do not keep the evaluation's KV caches allocated
     answers = []
     for ids in out:
         ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
