@@ -1,7 +1,10 @@
 """Where a batch-1 prefill's time goes: the matmul rate cuBLAS reaches at the prefill's own shapes, and the kernels of
 one prefill in bf16 and int4 (eager, then with compiled layers). Full size, random weights, one GPU.
 
-    python bench/profile_prefill.py [--preset cogvlm-chat-hf] [--rows 18] [--no-int4]
+    python bench/profile_prefill.py [--preset cogvlm-chat-hf] [--rows 18] [--no-int4] [--vit]
+
+--vit: only the ViT + adapter of one image (eager, then compiled layers), with the per-kind summary of
+bench/profile_steps.py.
 """
 from __future__ import annotations
 
@@ -51,13 +54,34 @@ def kernels(model, ids, types, pixels, label: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
+def vit_kernels(model, pixels, label: str, rows: int) -> None:
+    from bench.profile_steps import summary
+
+    ms = cuda_time(lambda: model.encode_images(pixels)) * 1e3
+    print(f"\n{label}: ViT + adapter {ms:.1f} ms", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.encode_images(pixels)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
+    summary(prof, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--rows", type=int, default=18, help="kernels listed per profile")
     ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--vit", action="store_true", help="only the ViT + adapter, eager and compiled")
     args = ap.parse_args()
     cfg = CogVLMConfig.from_name(args.preset)
+    if args.vit:
+        with torch.no_grad():
+            model = random_model(cfg)
+            pixels = make_prompt(cfg, 1, 24)[2]
+            vit_kernels(model, pixels, "bf16, eager", args.rows)
+            compile_layers(model)
+            vit_kernels(model, pixels, "bf16, compiled layers", args.rows)
+        return
     with torch.no_grad():
         matmul_rates(cfg, (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1)  # ViT tokens: patches + cls
         model = random_model(cfg)

@@ -78,6 +78,62 @@ if triton is not None:
             y = tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32) + y.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
+    # (BLOCK_N, BLOCK_K, warps, stages) for a few rows: small BLOCK_N keeps every SM busy at N = 4096
+    @triton.autotune(configs=_configs([(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                                       (16, 512, 4, 2), (64, 128, 4, 4), (32, 64, 2, 6), (16, 256, 8, 4)]),
+                     key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"])
+    @triton.jit
+    def _rows(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, M, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
+              RESIDUAL: tl.constexpr, INT8: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`_gemv` for up to BLOCK_M rows: the weight tile is read once for all rows (tl.dot against x transposed,
+        the output channels on the MMA's wide side) in the layer's DTYPE (fp32: IEEE products, not TF32); the RMSNorm's
+        1/rms is applied per row at the end."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        n_ok, m_ok = rn < N, rm < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            xt = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=m_ok[None, :] & k_ok[:, None],
+                         other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_M)
+            if NORM:
+                squares += tl.sum(xt * xt, axis=0)
+                xt = xt * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+            xt = xt.to(DTYPE)
+            offsets = rn[:, None] * K + rk[None, :]
+            ok = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + offsets, mask=ok, other=0)
+            w = _int8_to_f32(w).to(DTYPE) if INT8 else w.to(DTYPE)
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if DTYPE == tl.float32 else "tf32")
+            if GATE:
+                u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
+                u = _int8_to_f32(u).to(DTYPE) if INT8 else u.to(DTYPE)
+                acc_up = tl.dot(u, xt, acc_up, input_precision="ieee" if DTYPE == tl.float32 else "tf32")
+        y = acc
+        if INT8:
+            y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        if NORM:
+            inv_rms = tl.rsqrt(squares / K + eps)[None, :]
+            y *= inv_rms
+        if GATE:
+            up = acc_up
+            if INT8:
+                up *= tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if NORM:
+                up *= inv_rms
+            gate = y.to(DTYPE).to(tl.float32)
+            up = up.to(DTYPE).to(tl.float32)
+            y = gate * tl.sigmoid(gate) * up
+        out = rm[None, :] * N + rn[:, None]
+        ok = m_ok[None, :] & n_ok[:, None]
+        if RESIDUAL:
+            y = tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32) + y.to(DTYPE).to(tl.float32)
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+
     @triton.jit
     def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, S,
                  HALF: tl.constexpr, BLOCK: tl.constexpr):
@@ -152,20 +208,36 @@ if triton is not None:
                  mask=d < D)
 
 
+MAX_ROWS = 16  # `gemv`'s rows: tl.dot's smallest tile
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
-         residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(K,) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) y; with gate, weight is (2N', K) and y (N',).
-    norm: (norm_weight (K,), eps) or None; residual: (N,) added at the end (y then has its dtype)."""
+         residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, config=None) -> torch.Tensor:
+    """(K,) or (M <= MAX_ROWS, K) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) or (M, N) y; with gate,
+    weight is (2N', K) and y has N' columns. norm: (norm_weight (K,), eps) or None; residual: y's shape, added at
+    the end (y then has its dtype). Several rows' products run in the layer's dtype: the weight's, or for int8
+    codes x's with a residual (x is then the sublayer's output), else out_dtype (default: the scales'). config: a
+    `triton.Config` to launch with instead of the autotuned one (bench/gemv_configs.py)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gate else weight.shape[0]
-    dtype = residual.dtype if residual is not None else out_dtype or (scales.dtype if scales is not None
-                                                                     else weight.dtype)
-    y = torch.empty(N, dtype=dtype, device=x.device)
-    norm_weight, eps = norm if norm is not None else (x, 0.0)
     int8 = weight.dtype == torch.int8
-    launch(_gemv, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), lambda k: k, x, weight,
-           scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
-           norm is not None, gate, residual is not None, int8)
+    compute = weight.dtype if not int8 else x.dtype if residual is not None else out_dtype or scales.dtype
+    dtype = residual.dtype if residual is not None else out_dtype or compute
+    y = torch.empty(*x.shape[:-1], N, dtype=dtype, device=x.device)
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y)
+    flags = (norm is not None, gate, residual is not None, int8)
+    if x.dim() == 1:
+        kernel, args = _gemv, (*args, N, K, eps, *flags)
+    else:
+        assert x.shape[0] <= MAX_ROWS and x.is_contiguous()
+        kernel, args = _rows, (*args, x.shape[0], N, K, eps, *flags, {
+            torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[compute], MAX_ROWS)
+    grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
+    if config is None:
+        launch(kernel, grid, lambda k: k, *args)
+    else:
+        kernel.fn[grid(config.kwargs)](*args, **config.all_kwargs())
     return y
 
 
