@@ -1,9 +1,12 @@
-"""Every configuration of the decode step's products (`decode_kernels._gemv` at one row, `_rows` at several), and
-candidates that are not in their autotuning lists, at CogVLM-17B's four decoder shapes, bf16 and int8, against
-cuBLAS (bf16) and the int8 layers' own product; the autotuned pick too. Each product rotates over copies of its
-weight that together exceed the L2 cache, so that every call reads its weight from memory, as in a decode step.
+"""Every configuration of the batch-1 decode step's product (`decode_kernels._gemv`), and candidates that are not
+in its autotuning list, at CogVLM-17B's four decoder shapes, bf16 and int8, against cuBLAS (bf16) and the int8
+layers' own product; the autotuned pick too. Each product rotates over copies of its weight that together exceed the
+L2 cache, so that every call reads its weight from memory, as in a decode step.
 
-    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--rows 1 8] [--top 3] [--dtypes bf16 int8]
+    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8]
+
+(A few-row `tl.dot` version for batches 2-16, tried on an H200 on 2026-12-02, read 1.0-3.7 TB/s against cuBLAS's
+2.6-4.0 at 8 rows, and was dropped: docs/benchmarks.md.)
 """
 from __future__ import annotations
 
@@ -23,28 +26,30 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.quantize import triton_mm  # noqa: E402
 from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 
-# candidates outside the lists: (BLOCK_N, BLOCK_K, warps, stages)
-EXTRA = {"_gemv": [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2)],
-         "_rows": [(16, 64, 2, 6), (16, 512, 8, 3), (32, 512, 8, 2), (128, 64, 8, 4)]}
+# candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, options]); see decode_kernels._configs
+WORDS, SUM_EACH = {"WORDS": True}, {"SUM_EACH": True}
+EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
+         (4, 2048, 2, 1, WORDS), (8, 1024, 4, 1, WORDS), (16, 2048, 8, 1, WORDS), (32, 1024, 8, 1, WORDS),
+         (8, 4096, 8, 1, WORDS), (16, 2048, 8, 1, SUM_EACH), (32, 1024, 8, 1, SUM_EACH), (16, 1024, 4, 1, SUM_EACH),
+         (8, 4096, 8, 1, SUM_EACH)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
-def configs(kernel):
-    extra = [triton_mm.triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-             for n, k, w, s in EXTRA[kernel.fn.__name__]]
-    return [(c, "") for c in kernel.configs] + [(c, "extra") for c in extra]
+def configs(dtype: str):
+    tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
+    return [(c, tag) for c, tag in tried if dtype == "int8" or not c.kwargs["WORDS"]]
 
 
 def describe(c) -> str:
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+    options = "".join(f" {name.lower()}" for name in ("WORDS", "SUM_EACH") if c.kwargs[name])
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{options}"
 
 
-def cases(cfg, rows: int, dtype: str):
+def cases(cfg, dtype: str):
     """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), bytes)."""
     t = cfg.text
     d, f = t.hidden_size, t.intermediate_size
-    shape = (rows, -1) if rows > 1 else (-1,)
-    x32 = torch.randn(rows * f, device="cuda")
+    x32 = torch.randn(f, device="cuda")
     nw = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
     for name, n, k, norm, gate in (("qkv + norm", 3 * d, d, True, False), ("dense + residual", d, d, False, False),
                                    ("gate_up + norm + gate", 2 * f, d, True, True),
@@ -54,12 +59,12 @@ def cases(cfg, rows: int, dtype: str):
         weight = q8["weight"] if q8 else w
         copies = [weight] + [weight.clone() for _ in range(max(1, L2_BYTES // (weight.numel() * weight.element_size())))]
         scales = q8["scales"] if q8 else None
-        x = x32[: rows * k].view(*shape) if norm else x32[: rows * k].to(torch.bfloat16).view(*shape)
-        r = None if norm else x32[: rows * n].view(*shape)
+        x = x32[:k] if norm else x32[:k].to(torch.bfloat16)
+        r = None if norm else x32[:n]
         fused = lambda wt, config, x=x, r=r, norm=norm, gate=gate: D.gemv(  # noqa: E731
             x, wt, scales, norm=(nw, 1e-5) if norm else None, gate=gate, residual=r, out_dtype=torch.bfloat16,
             config=config)
-        x2 = x.view(rows, k).to(torch.bfloat16)
+        x2 = x.view(1, k).to(torch.bfloat16)
         reference = ((lambda wt, x2=x2: triton_mm.int8_mm(x2, wt, scales)) if q8 else
                      (lambda wt, x2=x2: F.linear(x2, wt)))
         yield name, copies, fused, reference, weight.numel() * weight.element_size()
@@ -73,30 +78,28 @@ def rotating(fn, copies):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvlm-chat-hf")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"])
     ap.add_argument("--top", type=int, default=3)
     args = ap.parse_args()
     cfg = CogVLMConfig.load(args.preset)
     copy = copy_bandwidth() / 1e9
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    print("| rows | weights | product | reference | autotuned | best configurations (GB/s) |")
-    print("| ---: | --- | --- | ---: | ---: | --- |")
-    for rows, dtype in itertools.product(args.rows, args.dtypes):
-        kernel = D._gemv if rows == 1 else D._rows
-        for name, copies, fused, reference, nbytes in cases(cfg, rows, dtype):
+    print("| weights | product | reference | autotuned | best configurations (GB/s) |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for dtype in args.dtypes:
+        for name, copies, fused, reference, nbytes in cases(cfg, dtype):
             gbs = lambda s: nbytes / s / 1e9  # noqa: E731
             t_ref = graph_time(rotating(reference, copies))
             t_auto = graph_time(rotating(lambda wt: fused(wt, None), copies))
             timed = []
-            for config, tag in configs(kernel):
+            for config, tag in configs(dtype):
                 try:
                     timed.append((graph_time(rotating(lambda wt, c=config: fused(wt, c), copies)), config, tag))
                 except Exception as e:  # noqa: BLE001 (a candidate that does not compile or fit: reported, skipped)
                     print(f"  ({describe(config)}: {type(e).__name__})", flush=True)
             best = ", ".join(f"{describe(c)}{' (' + tag + ')' if tag else ''}: {gbs(s):.0f}"
                              for s, c, tag in sorted(timed, key=lambda r: r[0])[: args.top])
-            print(f"| {rows} | {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {best} |", flush=True)
+            print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {best} |", flush=True)
 
 
 if __name__ == "__main__":

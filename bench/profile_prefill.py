@@ -54,6 +54,37 @@ def kernels(model, ids, types, pixels, label: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
+def vit_options(cfg: CogVLMConfig) -> None:
+    """The ViT's attention under each SDPA backend, and fc1 + GELU with the GELU in cuBLASLt's epilogue (the tanh
+    approximation) against the exact GELU as a separate pass, at one image's shapes."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    v = cfg.vision
+    L, H, hd = (v.image_size // v.patch_size) ** 2 + 1, v.num_heads, v.hidden_size // v.num_heads
+    q, k, vv = (torch.randn(1, H, L, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), vv.float())
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                got = F.scaled_dot_product_attention(q, k, vv)
+                us = cuda_time(lambda: F.scaled_dot_product_attention(q, k, vv), warmup=3, iters=20) * 1e6
+            err = ((got.float() - want).norm() / want.norm()).item()
+            print(f"ViT attention {backend.name:20s}: {us:7.1f} us, rel. err vs fp32 {err:.2e}")
+        except RuntimeError as e:
+            print(f"ViT attention {backend.name:20s}: not available ({str(e).splitlines()[0][:80]})")
+    x = torch.randn(L, v.hidden_size, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(v.intermediate_size, v.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(v.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.02
+    exact = lambda: F.gelu(F.linear(x, w, b))  # noqa: E731
+    fused = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)  # noqa: E731
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    for name, fn in (("fc1 then exact GELU", exact), ("fc1 with cuBLASLt GELU", fused)):
+        us = cuda_time(fn, warmup=3, iters=20) * 1e6
+        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        print(f"{name:24s}: {us:7.1f} us, rel. err vs fp32 exact {err:.2e}")
+
+
 def vit_kernels(model, pixels, label: str, rows: int) -> None:
     from bench.profile_steps import summary
 
@@ -76,11 +107,20 @@ def main() -> None:
     cfg = CogVLMConfig.from_name(args.preset)
     if args.vit:
         with torch.no_grad():
+            vit_options(cfg)
             model = random_model(cfg)
             pixels = make_prompt(cfg, 1, 24)[2]
             vit_kernels(model, pixels, "bf16, eager", args.rows)
             compile_layers(model)
             vit_kernels(model, pixels, "bf16, compiled layers", args.rows)
+            from cogvlm.vision_graph import graph_vision
+
+            want = model.encode_images(pixels)
+            graph_vision(model)  # as a decode session with CUDA graphs does
+            ms = cuda_time(lambda: model.encode_images(pixels)) * 1e3
+            same = torch.equal(model.encode_images(pixels), want)
+            print(f"\nbf16, compiled layers, replayed from a CUDA graph: ViT + adapter {ms:.1f} ms "
+                  f"(output {'equal to' if same else 'DIFFERENT from'} the ordinary call's)")
         return
     with torch.no_grad():
         matmul_rates(cfg, (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1)  # ViT tokens: patches + cls

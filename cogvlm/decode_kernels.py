@@ -30,43 +30,85 @@ if triton is not None:
     from .quantize.triton_mm import _int8_to_f32, launch
 
     def _configs(rows):
-        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in rows]
+        """(BLOCK_N, BLOCK_K, warps, stages[, options]) -> configs; options: WORDS (int8 codes read as int32 words of
+        four), SUM_EACH (the products summed over K at every step, not in a (BLOCK_N, BLOCK_K) accumulator)."""
+        return [triton.Config({"BLOCK_N": r[0], "BLOCK_K": r[1], "WORDS": False, "SUM_EACH": False,
+                               **(r[4] if len(r) > 4 else {})}, num_warps=r[2], num_stages=r[3]) for r in rows]
 
+    def _prune(configs, named_args, **kwargs):
+        """WORDS configurations only for int8 codes with K % 4 == 0 (for other weights they repeat the plain ones)."""
+        words = named_args["INT8"] and named_args["K"] % 4 == 0
+        return [c for c in configs if words or not c.kwargs["WORDS"]]
+
+    @triton.jit
+    def _byte_to_f32(words, shift):
+        """The int8 code in byte `shift / 8` of int32 words, as float32 (2^23 + 128 + code, then the offset off)."""
+        return (((words >> shift) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    WORDS, SUM_EACH = {"WORDS": True}, {"SUM_EACH": True}
     # (BLOCK_N, BLOCK_K, warps, stages): the first eight are the int8 product's (`triton_mm._int8_row`)
     @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),
                                        (32, 256, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 3),
                                        (4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
-                                       (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3)]),
-                     key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"])
+                                       (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3),
+                                       (8, 2048, 4, 1, WORDS), (16, 1024, 4, 1, WORDS), (8, 2048, 4, 1, SUM_EACH)]),
+                     key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
-              RESIDUAL: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              RESIDUAL: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              WORDS: tl.constexpr, SUM_EACH: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:
-                squares += x * x
-                x = x * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            offsets = rn[:, None] * K + rk[None, :]
-            ok = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + offsets, mask=ok, other=0)
-            acc += (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
-            if GATE:  # the up row of the same channel, N rows further
-                u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
-                acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
-        y = tl.sum(acc, axis=1)
+        if INT8 and WORDS:  # K % 4 == 0: a word holds codes 4j..4j+3, code 4j+b in byte b
+            KW: tl.constexpr = BLOCK_K // 4
+            acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+            squares = tl.zeros((KW,), dtype=tl.float32)
+            w32 = w_ptr.to(tl.pointer_type(tl.int32))
+            for k0 in range(0, K // 4, KW):
+                j = k0 + tl.arange(0, KW)
+                j_ok = j < K // 4
+                offsets = rn[:, None] * (K // 4) + j[None, :]
+                ok = n_ok[:, None] & j_ok[None, :]
+                words = tl.load(w32 + offsets, mask=ok, other=0)
+                if GATE:
+                    up_words = tl.load(w32 + N * (K // 4) + offsets, mask=ok, other=0)
+                for b in tl.static_range(4):
+                    x = tl.load(x_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
+                    if NORM:
+                        squares += x * x
+                        x = x * tl.load(nw_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
+                    acc += _byte_to_f32(words, 8 * b) * x[None, :]
+                    if GATE:
+                        acc_up += _byte_to_f32(up_words, 8 * b) * x[None, :]
+            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+        else:
+            width: tl.constexpr = 1 if SUM_EACH else BLOCK_K  # the accumulator's
+            acc = tl.zeros((BLOCK_N, width), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, width), dtype=tl.float32)
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                if NORM:
+                    squares += x * x
+                    x = x * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                offsets = rn[:, None] * K + rk[None, :]
+                ok = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_ptr + offsets, mask=ok, other=0)
+                product = (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
+                acc += tl.sum(product, axis=1, keep_dims=True) if SUM_EACH else product
+                if GATE:  # the up row of the same channel, N rows further
+                    u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
+                    product = (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
+                    acc_up += tl.sum(product, axis=1, keep_dims=True) if SUM_EACH else product
+            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:
             y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if GATE:
-            up = tl.sum(acc_up, axis=1)
             if INT8:
                 up *= tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
             if NORM:
@@ -77,62 +119,6 @@ if triton is not None:
         if RESIDUAL:  # (x is then the sublayer's input, in the layer's dtype)
             y = tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32) + y.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-    # (BLOCK_N, BLOCK_K, warps, stages) for a few rows: small BLOCK_N keeps every SM busy at N = 4096
-    @triton.autotune(configs=_configs([(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-                                       (16, 512, 4, 2), (64, 128, 4, 4), (32, 64, 2, 6), (16, 256, 8, 4)]),
-                     key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"])
-    @triton.jit
-    def _rows(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, M, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
-              RESIDUAL: tl.constexpr, INT8: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """`_gemv` for up to BLOCK_M rows: the weight tile is read once for all rows (tl.dot against x transposed,
-        the output channels on the MMA's wide side) in the layer's DTYPE (fp32: IEEE products, not TF32); the RMSNorm's
-        1/rms is applied per row at the end."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
-        n_ok, m_ok = rn < N, rm < M
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
-        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            xt = tl.load(x_ptr + rm[None, :] * K + rk[:, None], mask=m_ok[None, :] & k_ok[:, None],
-                         other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_M)
-            if NORM:
-                squares += tl.sum(xt * xt, axis=0)
-                xt = xt * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-            xt = xt.to(DTYPE)
-            offsets = rn[:, None] * K + rk[None, :]
-            ok = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + offsets, mask=ok, other=0)
-            w = _int8_to_f32(w).to(DTYPE) if INT8 else w.to(DTYPE)
-            acc = tl.dot(w, xt, acc, input_precision="ieee" if DTYPE == tl.float32 else "tf32")
-            if GATE:
-                u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
-                u = _int8_to_f32(u).to(DTYPE) if INT8 else u.to(DTYPE)
-                acc_up = tl.dot(u, xt, acc_up, input_precision="ieee" if DTYPE == tl.float32 else "tf32")
-        y = acc
-        if INT8:
-            y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if NORM:
-            inv_rms = tl.rsqrt(squares / K + eps)[None, :]
-            y *= inv_rms
-        if GATE:
-            up = acc_up
-            if INT8:
-                up *= tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if NORM:
-                up *= inv_rms
-            gate = y.to(DTYPE).to(tl.float32)
-            up = up.to(DTYPE).to(tl.float32)
-            y = gate * tl.sigmoid(gate) * up
-        out = rm[None, :] * N + rn[:, None]
-        ok = m_ok[None, :] & n_ok[:, None]
-        if RESIDUAL:
-            y = tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32) + y.to(DTYPE).to(tl.float32)
-        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, S,
@@ -208,36 +194,25 @@ if triton is not None:
                  mask=d < D)
 
 
-MAX_ROWS = 16  # `gemv`'s rows: tl.dot's smallest tile
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
          residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, config=None) -> torch.Tensor:
-    """(K,) or (M <= MAX_ROWS, K) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) or (M, N) y; with gate,
-    weight is (2N', K) and y has N' columns. norm: (norm_weight (K,), eps) or None; residual: y's shape, added at
-    the end (y then has its dtype). Several rows' products run in the layer's dtype: the weight's, or for int8
-    codes x's with a residual (x is then the sublayer's output), else out_dtype (default: the scales'). config: a
+    """(K,) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) y; with gate, weight is (2N', K) and y (N',).
+    norm: (norm_weight (K,), eps) or None; residual: (N,) added at the end (y then has its dtype). config: a
     `triton.Config` to launch with instead of the autotuned one (bench/gemv_configs.py)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gate else weight.shape[0]
-    int8 = weight.dtype == torch.int8
-    compute = weight.dtype if not int8 else x.dtype if residual is not None else out_dtype or scales.dtype
-    dtype = residual.dtype if residual is not None else out_dtype or compute
-    y = torch.empty(*x.shape[:-1], N, dtype=dtype, device=x.device)
+    dtype = residual.dtype if residual is not None else out_dtype or (scales.dtype if scales is not None
+                                                                     else weight.dtype)
+    y = torch.empty(N, dtype=dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
-    args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y)
-    flags = (norm is not None, gate, residual is not None, int8)
-    if x.dim() == 1:
-        kernel, args = _gemv, (*args, N, K, eps, *flags)
-    else:
-        assert x.shape[0] <= MAX_ROWS and x.is_contiguous()
-        kernel, args = _rows, (*args, x.shape[0], N, K, eps, *flags, {
-            torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[compute], MAX_ROWS)
+    int8 = weight.dtype == torch.int8
+    args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
+            norm is not None, gate, residual is not None, int8)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
     if config is None:
-        launch(kernel, grid, lambda k: k, *args)
+        launch(_gemv, grid, lambda k: k, *args)
     else:
-        kernel.fn[grid(config.kwargs)](*args, **config.all_kwargs())
+        _gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs())
     return y
 
 

@@ -1,4 +1,4 @@
-"""The decode step with the kernels of `cogvlm.decode_kernels`: seven kernels per decoder layer.
+"""The decode step with the kernels of `cogvlm.decode_kernels`: at batch 1, seven kernels per decoder layer.
 
 `DecodeSession` records this step into its CUDA graph instead of `model(...)` when `FastStep.build` accepts the
 model. It computes what `CogVLM.forward` computes for one text token per row against the KV cache (every decode
@@ -10,8 +10,8 @@ token takes the language expert), reading the same modules' weights:
 
 Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
 projection runs through its own module with the norm and the residual add in torch, and the rest keeps the kernels.
-At batches 2..MAX_BATCH the same options run in a few-row product (`tl.dot`, the weight read once for every row).
-A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step.
+At batches 2..MAX_BATCH the products are cuBLAS's (through the modules) and rotary, the cache writes and attention
+keep the kernels. A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step.
 `COGVLM_DECODE_KERNELS=0` turns this off.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from .llm import DecoderLayer, RMSNorm, rms_norm, rope_tables
 from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP, silu_gate
 
-MAX_BATCH = 16  # the kernels' rows (decode_kernels.MAX_ROWS); at 32 the compiled layers' step reads 85 % of the floor
+MAX_BATCH = 16  # beyond, the compiled layers' step was not compared with this one (at 32 it reads 85 % of the floor)
 STOCK = {"layer": DecoderLayer, "attn": VisualExpertAttention, "mlp": VisualExpertMLP, "attn_norm": RMSNorm,
          "mlp_norm": RMSNorm, "mlp.language_expert": SwiGLU}
 
@@ -76,14 +76,15 @@ class FastStep:
         return llm.lm_head(llm.norm(x[:, None])).float()[:, -1]
 
     def project(self, x, linear: nn.Module, norm: RMSNorm | None = None, gate: bool = False, residual=None):
-        """One projection of (B, K) rows: norm(x) @ W.T, then the SwiGLU gate or the residual add; in one kernel when
-        the kernels read this layer's weight, else through the module itself."""
-        weight, scales = self.weights(linear)
+        """One projection of (B, K) rows: norm(x) @ W.T, then the SwiGLU gate or the residual add; in one kernel for
+        one row when the kernels read this layer's weight, else through the module itself (cuBLAS for several
+        rows)."""
+        weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
         if weight is not None:
-            rows = (lambda t: t.view(-1)) if x.shape[0] == 1 else (lambda t: t)  # one row: the GEMV kernel
-            y = self.k.gemv(rows(x), weight, scales, norm=None if norm is None else (norm.weight, norm.eps),
-                            gate=gate, residual=None if residual is None else rows(residual), out_dtype=self.dtype)
-            return y.view(x.shape[0], -1)
+            y = self.k.gemv(x.view(-1), weight, scales, norm=None if norm is None else (norm.weight, norm.eps),
+                            gate=gate, residual=None if residual is None else residual.view(-1),
+                            out_dtype=self.dtype)
+            return y.view(1, -1)
         h = rms_norm(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
         y = linear(h[:, None]).squeeze(1)
         if gate:

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 from torch import nn
 
+from .kept import release_session
+
 _MAX_OPEN_SLICE = 4096  # upper bound for an open-ended slice like `layers[40:]`
 
 
@@ -95,9 +97,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at the dotted `name` of `model`."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-    # A decode session kept on the model (cogvlm.generate.session_for) may hold a CUDA graph recorded with the old
-    # module's kernels: drop it, the next call builds a new one.
-    model.__dict__.pop("_decode_session", None)
+    # A decode session kept on the model (cogvlm.generate.session_for) and its vision graphs may hold CUDA graphs
+    # recorded with the old module's kernels: drop them, the next call records new ones.
+    release_session(model)
 
 
 def replace_modules(model: nn.Module, patterns: Sequence[str], make: Callable[[str, nn.Module], nn.Module],

@@ -26,36 +26,30 @@ def check_kernels() -> None:
 
     torch.manual_seed(0)
     N, K = 40, 320  # not multiples of the blocks: partial tiles
-    # (`_rows` in fp16, not bf16: the interpreter's tl.dot returns garbage for bf16 operands, Triton 3.9)
-    runs = [(kernel, config, dtype, bound) for kernel in (D._gemv, D._rows) for config in range(len(kernel.configs))
-            for dtype in (torch.float32, torch.bfloat16 if kernel is D._gemv else torch.float16)
-            for bound in (1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps,)]
-    for kernel, config, dtype, bound in runs:  # one row: `_gemv`; several: `_rows`
-        T.interpreted_config = config
-        shape = (K,) if kernel is D._gemv else (3, K)
-        w = (torch.randn(2 * N, K) * 0.05).to(dtype)
-        x, nw, r = torch.randn(shape), torch.rand(K) + 0.5, torch.randn(*shape[:-1], N)
-        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * nw
-        q8 = quantize_int8(w.float())
-        w8 = q8["weight"].float() * q8["scales"].float()[:, None]
-        gated = lambda gu: F.silu(gu[..., :N]) * gu[..., N:]  # noqa: E731
-        cases = {
-            "plain": (D.gemv(x.to(dtype), w[:N]), F.linear(x.to(dtype).float(), w[:N].float())),
-            "norm": (D.gemv(x, w[:N], norm=(nw, 1e-5), out_dtype=dtype), F.linear(xn, w[:N].float())),
-            "norm+gate": (D.gemv(x, w, norm=(nw, 1e-5), gate=True, out_dtype=dtype), gated(F.linear(xn, w.float()))),
-            "residual": (D.gemv(x.to(dtype), w[:N], residual=r), r + F.linear(x.to(dtype).float(), w[:N].float())),
-            "int8": (D.gemv(x.to(dtype), q8["weight"][:N], q8["scales"][:N].to(dtype), out_dtype=dtype),
-                     F.linear(x.to(dtype).float(), w8[:N])),
-            "int8 norm+gate": (D.gemv(x, q8["weight"], q8["scales"].to(dtype), norm=(nw, 1e-5), gate=True,
-                                      out_dtype=dtype), gated(F.linear(xn, w8))),
-            "int8 residual": (D.gemv(x.to(dtype), q8["weight"][:N], q8["scales"][:N].to(dtype), residual=r),
-                              r + F.linear(x.to(dtype).float(), w8[:N])),
-        }
-        for name, (got, want) in cases.items():
-            assert got.shape == want.shape, name
-            err = rel(got, want)
-            assert err < bound, f"{name}, {kernel.fn.__name__} config {config}, {dtype}: {err:.2e}"
-        assert cases["residual"][0].dtype == torch.float32
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2 * torch.finfo(torch.bfloat16).eps)):
+        for config in range(len(D._gemv.configs)):
+            T.interpreted_config = config
+            w = (torch.randn(2 * N, K) * 0.05).to(dtype)
+            x, nw, r = torch.randn(K), torch.rand(K) + 0.5, torch.randn(N)
+            xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * nw
+            q8 = quantize_int8(w.float())
+            w8 = q8["weight"].float() * q8["scales"].float()[:, None]
+            gated = lambda gu: F.silu(gu[:N]) * gu[N:]  # noqa: E731
+            cases = {
+                "plain": (D.gemv(x.to(dtype), w[:N]), F.linear(x.to(dtype).float(), w[:N].float())),
+                "norm": (D.gemv(x, w[:N], norm=(nw, 1e-5), out_dtype=dtype), F.linear(xn, w[:N].float())),
+                "norm+gate": (D.gemv(x, w, norm=(nw, 1e-5), gate=True, out_dtype=dtype),
+                              gated(F.linear(xn, w.float()))),
+                "residual": (D.gemv(x.to(dtype), w[:N], residual=r), r + F.linear(x.to(dtype).float(), w[:N].float())),
+                "int8": (D.gemv(x.to(dtype), q8["weight"][:N], q8["scales"][:N].to(dtype), out_dtype=dtype),
+                         F.linear(x.to(dtype).float(), w8[:N])),
+                "int8 norm+gate": (D.gemv(x, q8["weight"], q8["scales"].to(dtype), norm=(nw, 1e-5), gate=True,
+                                          out_dtype=dtype), gated(F.linear(xn, w8))),
+            }
+            for name, (got, want) in cases.items():
+                assert got.shape == want.shape, name
+                assert rel(got, want) < bound, f"{name}, config {config}, {dtype}: {rel(got, want):.2e}"
+            assert cases["residual"][0].dtype == torch.float32
     B, H, S, hd, pos = 2, 3, 150, 16, 97
     for (dtype, bound), config in [(d, c) for d in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))
                                    for c in range(len(D._attend_chunk.configs))]:

@@ -134,8 +134,10 @@ if triton is not None:
 
 
 def launch(kernel, grid, wrap, *args) -> None:
-    if INTERPRETED:
-        config = kernel.configs[interpreted_config % len(kernel.configs)].all_kwargs()
+    if INTERPRETED:  # (the kernel's own pruning of its list first, as its autotuner does)
+        configs, prune = kernel.configs, getattr(kernel, "early_config_prune", None)
+        configs = prune(configs, dict(zip(kernel.arg_names, args))) if prune else configs
+        config = configs[interpreted_config % len(configs)].all_kwargs()
         kernel.fn[grid(config)](*args, **config)
     else:
         wrap(kernel)[grid](*args)
