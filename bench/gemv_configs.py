@@ -26,12 +26,9 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.quantize import triton_mm  # noqa: E402
 from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 
-# candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, options]); see decode_kernels._configs
-WORDS, SUM_EACH = {"WORDS": True}, {"SUM_EACH": True}
+# candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); see decode_kernels._configs
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
-         (4, 2048, 2, 1, WORDS), (8, 1024, 4, 1, WORDS), (16, 2048, 8, 1, WORDS), (32, 1024, 8, 1, WORDS),
-         (8, 4096, 8, 1, WORDS), (16, 2048, 8, 1, SUM_EACH), (32, 1024, 8, 1, SUM_EACH), (16, 1024, 4, 1, SUM_EACH),
-         (8, 4096, 8, 1, SUM_EACH)]
+         (4, 2048, 2, 1, True), (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
@@ -41,8 +38,8 @@ def configs(dtype: str):
 
 
 def describe(c) -> str:
-    options = "".join(f" {name.lower()}" for name in ("WORDS", "SUM_EACH") if c.kwargs[name])
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{options}"
+    words = " words" if c.kwargs["WORDS"] else ""
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}"
 
 
 def cases(cfg, dtype: str):

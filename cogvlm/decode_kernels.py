@@ -30,10 +30,9 @@ if triton is not None:
     from .quantize.triton_mm import _int8_to_f32, launch
 
     def _configs(rows):
-        """(BLOCK_N, BLOCK_K, warps, stages[, options]) -> configs; options: WORDS (int8 codes read as int32 words of
-        four), SUM_EACH (the products summed over K at every step, not in a (BLOCK_N, BLOCK_K) accumulator)."""
-        return [triton.Config({"BLOCK_N": r[0], "BLOCK_K": r[1], "WORDS": False, "SUM_EACH": False,
-                               **(r[4] if len(r) > 4 else {})}, num_warps=r[2], num_stages=r[3]) for r in rows]
+        """(BLOCK_N, BLOCK_K, warps, stages[, WORDS]) -> configs; WORDS: int8 codes read as int32 words of four."""
+        return [triton.Config({"BLOCK_N": r[0], "BLOCK_K": r[1], "WORDS": len(r) > 4 and r[4]}, num_warps=r[2],
+                              num_stages=r[3]) for r in rows]
 
     def _prune(configs, named_args, **kwargs):
         """WORDS configurations only for int8 codes with K % 4 == 0 (for other weights they repeat the plain ones)."""
@@ -45,18 +44,18 @@ if triton is not None:
         """The int8 code in byte `shift / 8` of int32 words, as float32 (2^23 + 128 + code, then the offset off)."""
         return (((words >> shift) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
-    WORDS, SUM_EACH = {"WORDS": True}, {"SUM_EACH": True}
-    # (BLOCK_N, BLOCK_K, warps, stages): the first eight are the int8 product's (`triton_mm._int8_row`)
+    # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]): the first eight are the int8 product's (`triton_mm._int8_row`);
+    # WORDS read 1-6 % faster than bytes at two of the four int8 shapes on an H200 (bench/gemv_configs.py)
     @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),
                                        (32, 256, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 3),
                                        (4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
                                        (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3),
-                                       (8, 2048, 4, 1, WORDS), (16, 1024, 4, 1, WORDS), (8, 2048, 4, 1, SUM_EACH)]),
+                                       (8, 2048, 4, 1, True), (8, 1024, 4, 1, True)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
               RESIDUAL: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WORDS: tl.constexpr, SUM_EACH: tl.constexpr):
+              WORDS: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         if INT8 and WORDS:  # K % 4 == 0: a word holds codes 4j..4j+3, code 4j+b in byte b
@@ -83,9 +82,8 @@ if triton is not None:
                         acc_up += _byte_to_f32(up_words, 8 * b) * x[None, :]
             y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         else:
-            width: tl.constexpr = 1 if SUM_EACH else BLOCK_K  # the accumulator's
-            acc = tl.zeros((BLOCK_N, width), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, width), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
@@ -97,12 +95,10 @@ if triton is not None:
                 offsets = rn[:, None] * K + rk[None, :]
                 ok = n_ok[:, None] & k_ok[None, :]
                 w = tl.load(w_ptr + offsets, mask=ok, other=0)
-                product = (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
-                acc += tl.sum(product, axis=1, keep_dims=True) if SUM_EACH else product
+                acc += (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
                 if GATE:  # the up row of the same channel, N rows further
                     u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
-                    product = (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
-                    acc_up += tl.sum(product, axis=1, keep_dims=True) if SUM_EACH else product
+                    acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
             y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
