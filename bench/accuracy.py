@@ -8,9 +8,8 @@ Full widths, 32 decoder and 24 ViT layers (so that the fp32 model fits beside th
 (bench/random_weights.py, seed 1: drawn in fp32 and rounded to bf16, so both runs hold the same weights), one image
 and 300 random text tokens. Images: "pictures" (smooth gradients with flat rectangles, `bench.bench.synthetic_images`)
 and "noise" (uniform white noise through the CLIP normalisation, an unusually hard input). For each kind and each
-way of running the bf16 model (eager layers; eager with the ViT's GELU in fc1's epilogue, `cogvlm.vision_fused`, as
-decode sessions on GPUs run it; then also `cogvlm.speed.compile_layers`): the relative error of all logits and of
-the text positions', top-1 agreement at the text positions, and the error after every stage.
+way of running the bf16 model (eager layers, then `cogvlm.speed.compile_layers`): the relative error of all logits
+and of the text positions', top-1 agreement at the text positions, and the error after every stage.
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ from bench.random_weights import random_model  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.image import CLIP_MEAN, CLIP_STD  # noqa: E402
 from cogvlm.speed import compile_layers  # noqa: E402
-from cogvlm.vision_fused import fuse_vision_gelu  # noqa: E402
 
 
 def inputs(cfg: CogVLMConfig, device: str) -> dict[str, tuple]:
@@ -69,10 +67,8 @@ def run(preset: str, device: str, eager_only: bool) -> dict:
                    "torch": torch.__version__, "preset": preset,
                    # whether this torch's inductor has its own switch that keeps bf16 addmm fused (cogvlm.speed)
                    "inductor_has_keep_addmm_fused": hasattr(inductor, "keep_addmm_fused_for_half_dtypes")}
-        for label in ("eager", "eager+gelu", "compiled+gelu"):  # (decode sessions on GPUs fuse the ViT's GELU)
-            if label == "eager+gelu":
-                fuse_vision_gelu(model)
-            if label == "compiled+gelu":
+        for label in ("eager", "compiled"):
+            if label == "compiled":
                 if eager_only:
                     break
                 compile_layers(model)

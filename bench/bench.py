@@ -184,7 +184,7 @@ def measure(model, cfg, args, r: dict, key: str, batches) -> None:
     """ViT, time to first token and decode tok/s at each batch, into r[key + name]."""
     ids, types, pixels = make_prompt(cfg, 1, args.text_tokens)
     L = ids.shape[1]
-    session = DecodeSession(model, 1, L + args.decode_steps)  # (first: it fuses the ViT's GELU and graphs the tower)
+    session = DecodeSession(model, 1, L + args.decode_steps)  # (first: it records the tower's CUDA graph)
     r[key + "vit_ms"] = cuda_time(lambda: model.encode_images(pixels)) * 1e3
     r[key + "ttft_ms"] = cuda_time(lambda: session.prefill(ids, types, pixel_values=pixels).argmax(-1)) * 1e3
     del session

@@ -62,12 +62,10 @@ class DecodeSession:
         self.fast = None
         if self.use_graph and self.segmented is None:
             from .fast_decode import FastStep
-            from .vision_fused import fuse_vision_gelu
             from .vision_graph import graph_vision
 
             self.fast = FastStep.build(model, batch_size, self.caches)
-            fuse_vision_gelu(model)  # the prefill's ViT: GELU in fc1's epilogue, replayed from a graph
-            graph_vision(model)
+            graph_vision(model)  # and the prefill's vision tower replayed from a graph too
         self.graph = None
         self.graph_logits = None
         self.owner = None  # the decode loop using the session now (a session serves one batch at a time)
