@@ -15,6 +15,7 @@ graphs, and so does a move of the weights. COGVLM_VISION_GRAPH=0 turns it off.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from torch import nn
@@ -29,18 +30,20 @@ class VisionGraphs:
         self.model = model
         self.eager = type(model).encode_images.__get__(model)  # the class's method, whatever the instance holds
         self.graphs: dict[tuple, tuple] = {}  # (pixels' shape, dtype, weights' place) -> (graph, input, output)
+        self.lock = threading.Lock()  # one caller at a time fills the static input and reads the output
 
     def __call__(self, pixel_values: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         if not self.applies(pixel_values, trace):
             return self.eager(pixel_values, trace)
         key = (tuple(pixel_values.shape), pixel_values.dtype, self.place())
-        if key not in self.graphs:
-            self.graphs = {k: v for k, v in self.graphs.items() if k[2] == key[2]}  # weights moved: old graphs go
-            self.graphs[key] = self.capture(pixel_values)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(pixel_values)
-        graph.replay()
-        return static_out.clone()
+        with self.lock:
+            if key not in self.graphs:
+                self.graphs = {k: v for k, v in self.graphs.items() if k[2] == key[2]}  # weights moved: old go
+                self.graphs[key] = self.capture(pixel_values)
+            graph, static_in, static_out = self.graphs[key]
+            static_in.copy_(pixel_values)
+            graph.replay()
+            return static_out.clone()
 
     def place(self) -> tuple:
         """Where the tower's first and last weights are: they change when the model is moved or its weights replaced."""
