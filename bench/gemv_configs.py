@@ -32,9 +32,11 @@ EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (1
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
-def configs(dtype: str):
+def configs(dtype: str, k: int):
+    """The list's configurations and the extra ones, each pruned as the kernel's autotuner prunes its own."""
     tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
-    return [(c, tag) for c, tag in tried if dtype == "int8" or not c.kwargs["WORDS"]]
+    kept = D._prune([c for c, _ in tried], {"INT8": dtype == "int8", "K": k})
+    return [(c, tag) for c, tag in tried if any(c is p for p in kept)]
 
 
 def describe(c) -> str:
@@ -43,7 +45,7 @@ def describe(c) -> str:
 
 
 def cases(cfg, dtype: str):
-    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), bytes)."""
+    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), bytes, K)."""
     t = cfg.text
     d, f = t.hidden_size, t.intermediate_size
     x32 = torch.randn(f, device="cuda")
@@ -64,7 +66,7 @@ def cases(cfg, dtype: str):
         x2 = x.view(1, k).to(torch.bfloat16)
         reference = ((lambda wt, x2=x2: triton_mm.int8_mm(x2, wt, scales)) if q8 else
                      (lambda wt, x2=x2: F.linear(x2, wt)))
-        yield name, copies, fused, reference, weight.numel() * weight.element_size()
+        yield name, copies, fused, reference, weight.numel() * weight.element_size(), k
 
 
 def rotating(fn, copies):
@@ -84,12 +86,12 @@ def main() -> None:
     print("| weights | product | reference | autotuned | best configurations (GB/s) |")
     print("| --- | --- | ---: | ---: | --- |")
     for dtype in args.dtypes:
-        for name, copies, fused, reference, nbytes in cases(cfg, dtype):
+        for name, copies, fused, reference, nbytes, k in cases(cfg, dtype):
             gbs = lambda s: nbytes / s / 1e9  # noqa: E731
             t_ref = graph_time(rotating(reference, copies))
             t_auto = graph_time(rotating(lambda wt: fused(wt, None), copies))
             timed = []
-            for config, tag in configs(dtype):
+            for config, tag in configs(dtype, k):
                 try:
                     timed.append((graph_time(rotating(lambda wt, c=config: fused(wt, c), copies)), config, tag))
                 except Exception as e:  # noqa: BLE001 (a candidate that does not compile or fit: reported, skipped)

@@ -60,8 +60,10 @@ def vit_options(cfg: CogVLMConfig) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from bench.accuracy import relative
+
     v = cfg.vision
-    L, H, hd = (v.image_size // v.patch_size) ** 2 + 1, v.num_heads, v.hidden_size // v.num_heads
+    L, H, hd = v.num_patches + 1, v.num_heads, v.head_dim
     q, k, vv = (torch.randn(1, H, L, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     want = F.scaled_dot_product_attention(q.float(), k.float(), vv.float())
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -69,7 +71,7 @@ def vit_options(cfg: CogVLMConfig) -> None:
             with sdpa_kernel(backend):
                 got = F.scaled_dot_product_attention(q, k, vv)
                 us = cuda_time(lambda: F.scaled_dot_product_attention(q, k, vv), warmup=3, iters=20) * 1e6
-            err = ((got.float() - want).norm() / want.norm()).item()
+            err = relative(got, want)
             print(f"ViT attention {backend.name:20s}: {us:7.1f} us, rel. err vs fp32 {err:.2e}")
         except RuntimeError as e:
             print(f"ViT attention {backend.name:20s}: not available ({str(e).splitlines()[0][:80]})")
@@ -81,7 +83,7 @@ def vit_options(cfg: CogVLMConfig) -> None:
     ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
     for name, fn in (("fc1 then exact GELU", exact), ("fc1 with cuBLASLt GELU", fused)):
         us = cuda_time(fn, warmup=3, iters=20) * 1e6
-        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        err = relative(fn(), ref)
         print(f"{name:24s}: {us:7.1f} us, rel. err vs fp32 exact {err:.2e}")
 
 

@@ -6,8 +6,8 @@ adds, the SwiGLU gate, rotary, three cache writes, the attention mask, cuBLAS's 
 over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the products' first and last lines:
 
 - `gemv(x, w)`: y = x @ w.T for one row, reading w once (bf16/fp16/fp32 weights, or int8 codes + per-channel
-  scales, read as bytes or, an autotuning option, as int32 words of four codes). Options: `norm=(weight, eps)` applies RMSNorm to x on the fly (the sum of squares is accumulated in the
-  same pass and applied at the end: y = rsqrt(mean(x^2) + eps) * (w @ (weight * x)), which skips the rounding of the
+  scales, read as bytes or, an autotuning option, as int32 words of four codes). Options: `norm=(weight, eps)`
+  applies RMSNorm to x on the fly (the sum of squares is accumulated in the same pass and applied at the end: y = rsqrt(mean(x^2) + eps) * (w @ (weight * x)), which skips the rounding of the
   normalized x to bf16 that the eager layer does); `gate=True` reads w as [gate | up] and returns silu(g) * u;
   `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
   layer's `x + sublayer(x)` does.
@@ -27,7 +27,7 @@ from .quantize.triton_mm import INTERPRETED, triton
 if triton is not None:
     import triton.language as tl
 
-    from .quantize.triton_mm import _int8_to_f32, launch
+    from .quantize.triton_mm import _byte_to_f32, _int8_to_f32, launch
 
     def _configs(rows):
         """(BLOCK_N, BLOCK_K, warps, stages[, WORDS]) -> configs; WORDS: int8 codes read as int32 words of four."""
@@ -38,11 +38,6 @@ if triton is not None:
         """WORDS configurations only for int8 codes with K % 4 == 0 (for other weights they repeat the plain ones)."""
         words = named_args["INT8"] and named_args["K"] % 4 == 0
         return [c for c in configs if words or not c.kwargs["WORDS"]]
-
-    @triton.jit
-    def _byte_to_f32(words, shift):
-        """The int8 code in byte `shift / 8` of int32 words, as float32 (2^23 + 128 + code, then the offset off)."""
-        return (((words >> shift) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]): the first eight are the int8 product's (`triton_mm._int8_row`);
     # WORDS read 1-6 % faster than bytes at two of the four int8 shapes on an H200 (bench/gemv_configs.py)
@@ -80,7 +75,6 @@ if triton is not None:
                     acc += _byte_to_f32(words, 8 * b) * x[None, :]
                     if GATE:
                         acc_up += _byte_to_f32(up_words, 8 * b) * x[None, :]
-            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -99,7 +93,7 @@ if triton is not None:
                 if GATE:  # the up row of the same channel, N rows further
                     u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
                     acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
-            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+        y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:

@@ -56,6 +56,11 @@ if triton is not None:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128 + code
 
     @triton.jit
+    def _byte_to_f32(words, shift):
+        """The int8 code in byte `shift / 8` of int32 words, as float32 (2^23 + 128 + code, then the offset off)."""
+        return (((words >> shift) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
     def _nibble_minus_8(words, shift):
         """The 4 bits at `shift` of int32 words, minus 8, as float32."""
         return (((words >> shift) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
