@@ -28,7 +28,9 @@ from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 
 # candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); see decode_kernels._configs
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
-         (4, 2048, 2, 1, True), (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True)]
+         (4, 2048, 2, 1, True), (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True),
+         (16, 1024, 8, 1, True), (4, 1024, 2, 1, True), (16, 512, 4, 1, True), (8, 512, 4, 1, True),
+         (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 1024, 4, 1, True)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
@@ -45,7 +47,8 @@ def describe(c) -> str:
 
 
 def cases(cfg, dtype: str):
-    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), bytes, K)."""
+    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), its fp32 value
+    exact(weight), bytes, K)."""
     t = cfg.text
     d, f = t.hidden_size, t.intermediate_size
     x32 = torch.randn(f, device="cuda")
@@ -66,7 +69,16 @@ def cases(cfg, dtype: str):
         x2 = x.view(1, k).to(torch.bfloat16)
         reference = ((lambda wt, x2=x2: triton_mm.int8_mm(x2, wt, scales)) if q8 else
                      (lambda wt, x2=x2: F.linear(x2, wt)))
-        yield name, copies, fused, reference, weight.numel() * weight.element_size(), k
+
+        def exact(wt, x=x, r=r, norm=norm, gate=gate):  # fp32, from the (dequantized) weight
+            xf = x.float()
+            if norm:
+                xf = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * nw.float()
+            y = F.linear(xf, wt.float() * scales.float()[:, None] if scales is not None else wt.float())
+            y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
+            return y + r if r is not None else y
+
+        yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k
 
 
 def rotating(fn, copies):
@@ -83,13 +95,15 @@ def main() -> None:
     cfg = CogVLMConfig.load(args.preset)
     copy = copy_bandwidth() / 1e9
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    print("| weights | product | reference | autotuned | best configurations (GB/s) |")
-    print("| --- | --- | ---: | ---: | --- |")
+    print("| weights | product | reference | autotuned | autotuned vs fp32 | best configurations (GB/s) |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
     for dtype in args.dtypes:
-        for name, copies, fused, reference, nbytes, k in cases(cfg, dtype):
+        for name, copies, fused, reference, exact, nbytes, k in cases(cfg, dtype):
             gbs = lambda s: nbytes / s / 1e9  # noqa: E731
             t_ref = graph_time(rotating(reference, copies))
             t_auto = graph_time(rotating(lambda wt: fused(wt, None), copies))
+            got, want = fused(copies[0], None).float(), exact(copies[0])
+            err = ((got - want).norm() / want.norm()).item()
             timed = []
             for config, tag in configs(dtype, k):
                 try:
@@ -98,7 +112,7 @@ def main() -> None:
                     print(f"  ({describe(config)}: {type(e).__name__})", flush=True)
             best = ", ".join(f"{describe(c)}{' (' + tag + ')' if tag else ''}: {gbs(s):.0f}"
                              for s, c, tag in sorted(timed, key=lambda r: r[0])[: args.top])
-            print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {best} |", flush=True)
+            print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {err:.1e} | {best} |", flush=True)
 
 
 if __name__ == "__main__":
