@@ -62,14 +62,23 @@ if triton is not None:
             squares = tl.zeros((KW,), dtype=tl.float32)
             x_sum = tl.zeros((KW,), dtype=tl.float32)
             w32 = w_ptr.to(tl.pointer_type(tl.int32))
+            rows = rn[:, None] * (K // 4)
+            j = tl.arange(0, KW)
+            ok = n_ok[:, None] & (j[None, :] < K // 4)
+            words = tl.load(w32 + rows + j[None, :], mask=ok, other=0)
+            up_words = tl.load(w32 + N * (K // 4) + rows + j[None, :], mask=ok, other=0) if GATE else words
             for k0 in range(0, K // 4, KW):
+                # the next tile's load is issued before this one's arithmetic, so that it is in flight meanwhile
                 j = k0 + tl.arange(0, KW)
                 j_ok = j < K // 4
-                offsets = rn[:, None] * (K // 4) + j[None, :]
-                ok = n_ok[:, None] & j_ok[None, :]
-                words = tl.load(w32 + offsets, mask=ok, other=0) ^ FLIP
+                ok = n_ok[:, None] & (j[None, :] + KW < K // 4)
+                next_words = tl.load(w32 + rows + KW + j[None, :], mask=ok, other=0)
+                next_up = next_words
                 if GATE:
-                    up_words = tl.load(w32 + N * (K // 4) + offsets, mask=ok, other=0) ^ FLIP
+                    next_up = tl.load(w32 + N * (K // 4) + rows + KW + j[None, :], mask=ok, other=0)
+                words ^= FLIP
+                if GATE:
+                    up_words ^= FLIP
                 for b in tl.static_range(4):
                     x = tl.load(x_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
                     if NORM:
@@ -79,6 +88,7 @@ if triton is not None:
                     acc += _byte_unit(words, b) * x[None, :]
                     if GATE:
                         acc_up += _byte_unit(up_words, b) * x[None, :]
+                words, up_words = next_words, next_up
             offset = 384.0 * tl.sum(x_sum, axis=0)
             y, up = 256.0 * tl.sum(acc, axis=1) - offset, 256.0 * tl.sum(acc_up, axis=1) - offset
         else:
