@@ -27,7 +27,7 @@ from .quantize.triton_mm import INTERPRETED, triton
 if triton is not None:
     import triton.language as tl
 
-    from .quantize.triton_mm import _byte_unit, _int8_to_f32, launch
+    from .quantize.triton_mm import _byte_to_f32, _int8_to_f32, launch
 
     def _configs(rows):
         """(BLOCK_N, BLOCK_K, warps, stages[, WORDS]) -> configs; WORDS: int8 codes read as int32 words of four."""
@@ -54,43 +54,27 @@ if triton is not None:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         if INT8 and WORDS:  # K % 4 == 0: a word holds codes 4j..4j+3, code 4j+b in byte b
-            # code = 256 f - 384 with f = _byte_unit(...) in [1, 2): acc sums f x, and y = 256 acc - 384 sum(x)
             KW: tl.constexpr = BLOCK_K // 4
-            FLIP: tl.constexpr = -0x7F7F7F80  # 0x80808080 as an int32: the top bit of every byte
             acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
             squares = tl.zeros((KW,), dtype=tl.float32)
-            x_sum = tl.zeros((KW,), dtype=tl.float32)
             w32 = w_ptr.to(tl.pointer_type(tl.int32))
-            rows = rn[:, None] * (K // 4)
-            j = tl.arange(0, KW)
-            ok = n_ok[:, None] & (j[None, :] < K // 4)
-            words = tl.load(w32 + rows + j[None, :], mask=ok, other=0)
-            up_words = tl.load(w32 + N * (K // 4) + rows + j[None, :], mask=ok, other=0) if GATE else words
             for k0 in range(0, K // 4, KW):
-                # the next tile's load is issued before this one's arithmetic, so that it is in flight meanwhile
                 j = k0 + tl.arange(0, KW)
                 j_ok = j < K // 4
-                ok = n_ok[:, None] & (j[None, :] + KW < K // 4)
-                next_words = tl.load(w32 + rows + KW + j[None, :], mask=ok, other=0)
-                next_up = next_words
+                offsets = rn[:, None] * (K // 4) + j[None, :]
+                ok = n_ok[:, None] & j_ok[None, :]
+                words = tl.load(w32 + offsets, mask=ok, other=0)
                 if GATE:
-                    next_up = tl.load(w32 + N * (K // 4) + rows + KW + j[None, :], mask=ok, other=0)
-                words ^= FLIP
-                if GATE:
-                    up_words ^= FLIP
+                    up_words = tl.load(w32 + N * (K // 4) + offsets, mask=ok, other=0)
                 for b in tl.static_range(4):
                     x = tl.load(x_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
                     if NORM:
                         squares += x * x
                         x = x * tl.load(nw_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
-                    x_sum += x
-                    acc += _byte_unit(words, b) * x[None, :]
+                    acc += _byte_to_f32(words, 8 * b) * x[None, :]
                     if GATE:
-                        acc_up += _byte_unit(up_words, b) * x[None, :]
-                words, up_words = next_words, next_up
-            offset = 384.0 * tl.sum(x_sum, axis=0)
-            y, up = 256.0 * tl.sum(acc, axis=1) - offset, 256.0 * tl.sum(acc_up, axis=1) - offset
+                        acc_up += _byte_to_f32(up_words, 8 * b) * x[None, :]
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -109,7 +93,7 @@ if triton is not None:
                 if GATE:  # the up row of the same channel, N rows further
                     u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
                     acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
-            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+        y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:

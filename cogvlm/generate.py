@@ -233,7 +233,7 @@ def generate_tokens(
     cuda_graph: bool | None = None,
     cache_dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
-    """An iterator over the next token of every row, (B,) on the model's device, one step at a time.
+    """An iterator over the next token of every row, a (B,) CPU tensor, one step at a time.
 
     Inputs are a left-padded batch as `cogvlm.prompt.pad_batch` makes it (B, L); pixel_values (n, 3, S, S) hold one
     image per row that has image positions, in row order. max_new_tokens=None means as many as fit in
@@ -298,6 +298,10 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
     seen[b.to(device), input_ids[b, t].to(device)] = True
     generators = row_generators(B, seed, device) if sampling["do_sample"] else None
 
+    # The next step is queued on the GPU before this step's tokens reach the caller, so that the GPU decodes while
+    # the host reads, detokenizes and streams them (one step is decoded in vain when every row ends early).
+    host = torch.empty(B, dtype=torch.long, pin_memory=device.type == "cuda")
+    finished_on_device, known = finished.to(device), finished.clone()
     for step in range(max_new_tokens):
         scores = process_logits(logits, seen, **sampling)
         if generators:
@@ -305,17 +309,28 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
             tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
         else:
             tokens = scores.argmax(-1)
-        tokens = tokens.masked_fill(finished.to(device), pad_id)
-        yield tokens
-        finished |= (tokens == eos_id).cpu()
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if not torch.equal(finished, known):  # (the caller marks rows at stop strings; copied only then)
+            finished_on_device, known = finished.to(device), finished.clone()
+        tokens = tokens.masked_fill(finished_on_device, pad_id)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event() if device.type == "cuda" else None
+        if copied is not None:
+            copied.record(torch.cuda.current_stream(device))
+        more = step < max_new_tokens - 1
+        if more:
+            seen[rows, tokens] = True
+            if session.owner is not ticket:
+                raise RuntimeError("another generation started on this model's decode session while this one was "
+                                   "still running; finish one before starting the next, or pass each its own "
+                                   "session=DecodeSession(model, batch_size, max_len)")
+            logits = session.step(tokens)
+        if copied is not None:
+            copied.synchronize()
+        out = host.clone()
+        yield out
+        finished |= out == eos_id
+        if bool(finished.all()) or not more:
             return
-        seen[rows, tokens] = True
-        if session.owner is not ticket:
-            raise RuntimeError("another generation started on this model's decode session while this one was still "
-                               "running; finish one before starting the next, or pass each its own "
-                               "session=DecodeSession(model, batch_size, max_len)")
-        logits = session.step(tokens)
 
 
 def generate(model: CogVLM, input_ids, token_type_ids=None, attention_mask=None, pixel_values=None,

@@ -262,6 +262,21 @@ def test_session_is_sized_to_the_request_and_reused(model, monkeypatch):
         model.generate(ids.repeat(3, 1), max_new_tokens=5, session=fresh)
 
 
+def test_the_next_step_is_queued_before_the_caller_gets_a_token(model):
+    """generate_tokens hands each step's tokens to the caller as a CPU tensor after queuing the next decode step,
+    so the device decodes while the caller detokenizes; the tokens are those of the plain loop (model.generate)."""
+    ids = torch.tensor([[1, 450, 7483, 310]])
+    want = model.generate(ids, max_new_tokens=4, eos_id=-1)[0]
+    session = gen.DecodeSession(model, 1, ids.shape[1] + 4)
+    steps = gen.generate_tokens(model, ids, max_new_tokens=4, eos_id=-1, session=session)
+    got = []
+    for n, tokens in enumerate(steps):
+        assert tokens.device.type == "cpu" and tokens.shape == (1,)
+        assert session.length == ids.shape[1] + min(n + 1, 3)  # the step for this token is already queued
+        got.append(int(tokens[0]))
+    assert got == want
+
+
 def test_interleaved_generations_on_one_session_fail_loudly(model):
     """Two decode loops cannot share the kept session: the older one stops with a clear error, never reading the
     newer batch's cache."""

@@ -56,13 +56,9 @@ if triton is not None:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128 + code
 
     @triton.jit
-    def _byte_unit(flipped, b: tl.constexpr):
-        """Byte b of int32 words whose bytes hold code + 128 (the words ^ 0x80808080) as the float 1 + byte / 256:
-        the byte moved to the top of the mantissa (bits 15..22) of 1.0's bits, so code = 256 * f - 384. Two integer
-        operations and no float one per code; the caller folds the 256 and the 384 into its sums."""
-        SHIFT: tl.constexpr = 15 - 8 * b
-        moved = flipped << SHIFT if SHIFT > 0 else flipped >> -SHIFT
-        return ((moved & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)
+    def _byte_to_f32(words, shift):
+        """The int8 code in byte `shift / 8` of int32 words, as float32 (2^23 + 128 + code, then the offset off)."""
+        return (((words >> shift) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
     def _nibble_minus_8(words, shift):
