@@ -12,6 +12,9 @@ over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the
   `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
   layer's `x + sublayer(x)` does.
 - `rope_kv(qkv, cos, sin, k_cache, v_cache, pos)`: rotary on q and k, k and v written to cache slot `pos`, q out.
+- `norm_rows(x, weight, eps)`, `silu_gate(gate_up)`: RMSNorm and the SwiGLU gate of a few rows in one kernel each
+  (eager takes three and two), around the products that run through their own modules (cuBLAS at batches 2-16,
+  int4 or LoRA layers at batch 1).
 - `attend(q, k_cache, v_cache, key_valid, pos)`: attention of one query per row and head over the cache slots
   that are valid and not after `pos`, split over the cache (flash decoding: each program a chunk of slots, then a
   short combine), so that 32 heads keep every SM reading; invalid slots are never loaded.
@@ -134,6 +137,26 @@ if triton is not None:
         tl.store(v_ptr + slot + j, v1, mask=ok)
         tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
 
+    @triton.jit
+    def _norm_rows(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        d = tl.arange(0, BLOCK)
+        ok = d < D
+        x = tl.load(x_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * D + d, (w * (x * r)).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_gate_rows(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = f < F
+        g = tl.load(gu_ptr + row * 2 * F + f, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * F + F + f, mask=ok, other=0.0).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as eager rounds it
+        tl.store(y_ptr + row * F + f, (silu * u).to(y_ptr.dtype.element_ty), mask=ok)
+
     @triton.autotune(configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in
                               ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
@@ -206,6 +229,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     return y
 
 
+def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of (B, D) rows in one kernel, as `cogvlm.llm.rms_norm` computes it (fp32, the weight's dtype out)."""
+    B, D = x.shape
+    y = torch.empty(B, D, dtype=weight.dtype, device=x.device)
+    block = triton.next_power_of_2(D)
+    _norm_rows[(B,)](x, weight, y, D, eps, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return y
+
+
+def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """(B, 2F) [gate | up] -> (B, F) silu(gate) * up in one kernel, rounded as the eager ops round."""
+    B, F2 = gate_up.shape
+    y = torch.empty(B, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+    _silu_gate_rows[(B, triton.cdiv(F2 // 2, 1024))](gate_up, y, F2 // 2, BLOCK=1024, num_warps=4)
+    return y
+
+
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             pos: torch.Tensor) -> torch.Tensor:
     """qkv (B, 3 H hd); cos, sin (B, hd/2) fp32; caches (B, H, S, hd); pos (1,) long -> q (B, H, hd)."""
@@ -241,4 +281,4 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_va
     return out
 
 
-__all__ = ["INTERPRETED", "attend", "gemv", "rope_kv"]
+__all__ = ["INTERPRETED", "attend", "gemv", "norm_rows", "rope_kv", "silu_gate"]

@@ -21,8 +21,8 @@ import os
 import torch
 from torch import nn
 
-from .llm import DecoderLayer, RMSNorm, rms_norm, rope_tables
-from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP, silu_gate
+from .llm import DecoderLayer, RMSNorm, rope_tables
+from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP
 
 MAX_BATCH = 16  # beyond, the compiled layers' step was not compared with this one (at 32 it reads 85 % of the floor)
 STOCK = {"layer": DecoderLayer, "attn": VisualExpertAttention, "mlp": VisualExpertMLP, "attn_norm": RMSNorm,
@@ -85,11 +85,11 @@ class FastStep:
                             gate=gate, residual=None if residual is None else residual.view(-1),
                             out_dtype=self.dtype)
             return y.view(1, -1)
-        h = rms_norm(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
+        h = self.k.norm_rows(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
         y = linear(h[:, None]).squeeze(1)
         if gate:
-            y = silu_gate(y)
-        return y if residual is None else residual + y.float()
+            y = self.k.silu_gate(y)
+        return y if residual is None else residual + y  # (one kernel: y is widened to fp32 inside the add)
 
     def weights(self, linear: nn.Module):
         """(weight, scales) the kernels read: a plain linear layer's weight in the model's dtype (scales None), or an

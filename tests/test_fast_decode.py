@@ -50,6 +50,15 @@ def check_kernels() -> None:
                 assert got.shape == want.shape, name
                 assert rel(got, want) < bound, f"{name}, config {config}, {dtype}: {rel(got, want):.2e}"
             assert cases["residual"][0].dtype == torch.float32
+    for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, torch.finfo(torch.bfloat16).eps)):
+        x, w = torch.randn(3, 200) * 3, (torch.rand(200) + 0.5).to(dtype)  # fp32 residual rows, D not a power of 2
+        want = (w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
+        got = D.norm_rows(x, w, 1e-5)
+        assert got.dtype == dtype and rel(got, want) < bound, f"norm_rows {dtype}: {rel(got, want):.2e}"
+        gu = torch.randn(3, 2 * 1500).to(dtype)  # F not a multiple of the block
+        want = F.silu(gu[:, :1500]) * gu[:, 1500:]
+        got = D.silu_gate(gu)
+        assert got.dtype == dtype and rel(got, want) < bound, f"silu_gate {dtype}: {rel(got, want):.2e}"
     B, H, S, hd, pos = 2, 3, 150, 16, 97
     for (dtype, bound), config in [(d, c) for d in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))
                                    for c in range(len(D._attend_chunk.configs))]:
