@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler over one batch-1 prefill and a few decode steps (full size, random bf16).
 
     python bench/profile_steps.py [--preset cogvlm-chat-hf] [--rows 25] [--compiled] [--quantize int8|int4-g128]
-                                  [--no-fast] [--cpu]
+                                  [--no-fast] [--cpu] [--batch B]
 
 The decode steps run without a CUDA graph (the profiler then sees every kernel; their GPU times are the graph's,
 the gaps between them are not). Besides torch's table, a summary per kind of kernel (weight products, attention,
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--quantize", help="a bench/quantize_bench.py mode: int8, int4-g128, ...")
     ap.add_argument("--no-fast", action="store_true", help="decode with the model's step, not cogvlm.fast_decode")
     ap.add_argument("--cpu", action="store_true", help="also the host's time per op in the prefill (launch overhead)")
+    ap.add_argument("--batch", type=int, default=1, help="rows of the prefill and the decode steps")
     args = ap.parse_args()
     cfg = CogVLMConfig.from_name(args.preset)
     model = random_model(cfg)
@@ -74,14 +75,15 @@ def main() -> None:
         from cogvlm.speed import compile_layers
 
         compile_layers(model)
-    ids, types, pixels = make_prompt(cfg, 1, 24)
-    session = DecodeSession(model, 1, ids.shape[1] + 64, cuda_graph=False)
+    B = args.batch
+    ids, types, pixels = make_prompt(cfg, B, 24)
+    session = DecodeSession(model, B, ids.shape[1] + 64, cuda_graph=False)
     if not args.no_fast:  # (a session without a graph keeps the model's step; the profile wants the graph's)
         from cogvlm.fast_decode import FastStep
 
-        session.fast = FastStep.build(model, 1, session.caches)
+        session.fast = FastStep.build(model, B, session.caches)
     print("decode step:", "cogvlm.fast_decode" if session.fast is not None else "the model's")
-    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    tok = torch.zeros(B, dtype=torch.long, device="cuda")
     with torch.no_grad(), fused_kernels():  # (the decode step's fused kernels, as its graph records them)
         for _ in range(2):  # warm-up
             session.prefill(ids, types, pixel_values=pixels)
@@ -91,7 +93,7 @@ def main() -> None:
         with profile(activities=activities) as prof:
             session.prefill(ids, types, pixel_values=pixels)
             torch.cuda.synchronize()
-        print("== prefill (batch 1, one image + 24 text tokens)")
+        print(f"== prefill (batch {B}, one image + 24 text tokens a row)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         summary(prof, 1)
         if args.cpu:
@@ -102,7 +104,7 @@ def main() -> None:
             for _ in range(args.steps):
                 session.step(tok)
             torch.cuda.synchronize()
-        print(f"== {args.steps} decode steps (batch 1)")
+        print(f"== {args.steps} decode steps (batch {B})")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         summary(prof, args.steps)
 
