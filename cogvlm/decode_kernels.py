@@ -12,9 +12,9 @@ over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the
   `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
   layer's `x + sublayer(x)` does.
 - `rope_kv(qkv, cos, sin, k_cache, v_cache, pos)`: rotary on q and k, k and v written to cache slot `pos`, q out.
-- `norm_rows(x, weight, eps)`, `silu_gate(gate_up)`: RMSNorm and the SwiGLU gate of a few rows in one kernel each
-  (eager takes three and two), around the products that run through their own modules (cuBLAS at batches 2-16,
-  int4 or LoRA layers at batch 1).
+- `add_norm(x, y, weight, eps)`, `silu_gate(gate_up)`: the residual add with the next RMSNorm, and the SwiGLU gate,
+  of a few rows in one kernel each (eager takes five and two), around the products that run through their own
+  modules (cuBLAS at batches 2-16, int4 or LoRA layers at batch 1).
 - `attend(q, k_cache, v_cache, key_valid, pos)`: attention of one query per row and head over the cache slots
   that are valid and not after `pos`, split over the cache (flash decoding: each program a chunk of slots, then a
   short combine), so that 32 heads keep every SM reading; invalid slots are never loaded.
@@ -138,14 +138,17 @@ if triton is not None:
         tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
 
     @triton.jit
-    def _norm_rows(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+    def _add_norm_rows(x_ptr, y_ptr, w_ptr, sum_ptr, h_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         d = tl.arange(0, BLOCK)
         ok = d < D
         x = tl.load(x_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
+        if ADD:  # the residual add, in fp32 as the layer's x + sublayer(x)
+            x += tl.load(y_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
+            tl.store(sum_ptr + row * D + d, x, mask=ok)
         r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * D + d, (w * (x * r)).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptr + row * D + d, (w * (x * r)).to(h_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _silu_gate_rows(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):
@@ -229,13 +232,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     return y
 
 
-def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of (B, D) rows in one kernel, as `cogvlm.llm.rms_norm` computes it (fp32, the weight's dtype out)."""
+def add_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(B, D) fp32 residual rows x plus the product y (or None) -> (x + y, RMSNorm(x + y)) in one kernel, the norm as
+    `cogvlm.llm.rms_norm` computes it (fp32, out in the weight's dtype)."""
     B, D = x.shape
-    y = torch.empty(B, D, dtype=weight.dtype, device=x.device)
+    total = x if y is None else torch.empty_like(x)
+    h = torch.empty(B, D, dtype=weight.dtype, device=x.device)
     block = triton.next_power_of_2(D)
-    _norm_rows[(B,)](x, weight, y, D, eps, BLOCK=block, num_warps=min(16, max(1, block // 256)))
-    return y
+    _add_norm_rows[(B,)](x, x if y is None else y, weight, total, h, D, eps, ADD=y is not None, BLOCK=block,
+                         num_warps=min(16, max(1, block // 256)))
+    return total, h
 
 
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
@@ -281,4 +287,4 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_va
     return out
 
 
-__all__ = ["INTERPRETED", "attend", "gemv", "norm_rows", "rope_kv", "silu_gate"]
+__all__ = ["INTERPRETED", "add_norm", "attend", "gemv", "rope_kv", "silu_gate"]

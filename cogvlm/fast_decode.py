@@ -63,33 +63,45 @@ class FastStep:
         llm, k = self.model.llm, self.k
         cfg = llm.cfg
         B = tokens.shape[0]
-        x = llm.embed(tokens).view(B, -1).float()  # (B, D): the residual stream in fp32, as LanguageModel.forward
+        # The residual stream in fp32, as LanguageModel.forward, with the product not yet added to it (None, or the
+        # output of a projection that ran through its module: the next norm adds it in the same kernel).
+        stream = (llm.embed(tokens).view(B, -1).float(), None)
         cos, sin = (t.view(B, -1) for t in rope_tables(next_pos, cfg.head_dim, cfg.rope_theta))
         for layer, cache in zip(llm.layers, self.caches):
             attn, mlp = layer.attn, layer.mlp.language_expert
-            qkv = self.project(x, attn.language_expert_qkv, norm=layer.attn_norm)
+            stream, qkv = self.normed(stream, attn.language_expert_qkv, layer.attn_norm)
             q = k.rope_kv(qkv, cos, sin, cache.k, cache.v, cache_pos)
             a = k.attend(q, cache.k, cache.v, key_valid, cache_pos)
-            x = self.project(a.view(B, -1), attn.language_expert_dense, residual=x)
-            h = self.project(x, mlp.gate_up, norm=layer.mlp_norm, gate=True)
-            x = self.project(h, mlp.down, residual=x)
+            stream = self.added(stream, attn.language_expert_dense, a.view(B, -1))
+            stream, h = self.normed(stream, mlp.gate_up, layer.mlp_norm, gate=True)
+            stream = self.added(stream, mlp.down, h)
+        x, pending = stream
+        x = x if pending is None else x + pending
         return llm.lm_head(llm.norm(x[:, None])).float()[:, -1]
 
-    def project(self, x, linear: nn.Module, norm: RMSNorm | None = None, gate: bool = False, residual=None):
-        """One projection of (B, K) rows: norm(x) @ W.T, then the SwiGLU gate or the residual add; in one kernel for
-        one row when the kernels read this layer's weight, else through the module itself (cuBLAS for several
-        rows)."""
+    def normed(self, stream, linear: nn.Module, norm: RMSNorm, gate: bool = False):
+        """(stream with its pending product added, linear(norm(x))), gated by SwiGLU with gate: in one kernel for one
+        row when the kernels read this layer's weight, else the add and the norm in one kernel, then the module."""
+        x, pending = stream
         weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
         if weight is not None:
-            y = self.k.gemv(x.view(-1), weight, scales, norm=None if norm is None else (norm.weight, norm.eps),
-                            gate=gate, residual=None if residual is None else residual.view(-1),
-                            out_dtype=self.dtype)
-            return y.view(1, -1)
-        h = self.k.norm_rows(x, norm.weight, norm.eps) if norm is not None else x.to(self.dtype)
+            x = x if pending is None else x + pending
+            y = self.k.gemv(x.view(-1), weight, scales, norm=(norm.weight, norm.eps), gate=gate, out_dtype=self.dtype)
+            return (x, None), y.view(1, -1)
+        x, h = self.k.add_norm(x, pending, norm.weight, norm.eps)
         y = linear(h[:, None]).squeeze(1)
-        if gate:
-            y = self.k.silu_gate(y)
-        return y if residual is None else residual + y  # (one kernel: y is widened to fp32 inside the add)
+        return (x, None), self.k.silu_gate(y) if gate else y
+
+    def added(self, stream, linear: nn.Module, h: torch.Tensor):
+        """The stream plus linear(h): added in the product's kernel for one row when the kernels read this layer's
+        weight, else left pending for the next norm."""
+        x, pending = stream
+        x = x if pending is None else x + pending
+        weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
+        if weight is not None:
+            y = self.k.gemv(h.reshape(-1), weight, scales, residual=x.view(-1), out_dtype=self.dtype)
+            return y.view(1, -1), None
+        return x, linear(h.to(self.dtype)[:, None]).squeeze(1)
 
     def weights(self, linear: nn.Module):
         """(weight, scales) the kernels read: a plain linear layer's weight in the model's dtype (scales None), or an

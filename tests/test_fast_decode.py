@@ -52,9 +52,13 @@ def check_kernels() -> None:
             assert cases["residual"][0].dtype == torch.float32
     for dtype, bound in ((torch.float32, 1e-6), (torch.bfloat16, torch.finfo(torch.bfloat16).eps)):
         x, w = torch.randn(3, 200) * 3, (torch.rand(200) + 0.5).to(dtype)  # fp32 residual rows, D not a power of 2
-        want = (w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
-        got = D.norm_rows(x, w, 1e-5)
-        assert got.dtype == dtype and rel(got, want) < bound, f"norm_rows {dtype}: {rel(got, want):.2e}"
+        y = torch.randn(3, 200).to(dtype)  # a product to add first
+        for add in (None, y):
+            total = x if add is None else x + add.float()
+            want = (w.float() * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
+            got_total, got = D.add_norm(x, add, w, 1e-5)
+            assert torch.equal(got_total, total) and got_total.dtype == torch.float32
+            assert got.dtype == dtype and rel(got, want) < bound, f"add_norm {dtype}: {rel(got, want):.2e}"
         gu = torch.randn(3, 2 * 1500).to(dtype)  # F not a multiple of the block
         want = F.silu(gu[:, :1500]) * gu[:, 1500:]
         got = D.silu_gate(gu)
