@@ -9,9 +9,9 @@ token takes the language expert), reading the same modules' weights:
     h   = [RMSNorm + gate|up product + SiLU gate]                 x = x + [down product]
 
 Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
-projection runs through its own module with the norm and the residual add in torch, and the rest keeps the kernels.
-At batches 2..MAX_BATCH the products are cuBLAS's (through the modules) and rotary, the cache writes and attention
-keep the kernels. A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step.
+projection runs through its own module, its residual add left pending for the next norm's kernel (`add_norm`: add and
+RMSNorm in one) and its SwiGLU gate in one kernel, and the rest keeps the kernels. At batches 2..MAX_BATCH the
+products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep the kernels. A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step.
 `COGVLM_DECODE_KERNELS=0` turns this off.
 """
 from __future__ import annotations
