@@ -7,8 +7,9 @@ over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the
 
 - `gemv(x, w)`: y = x @ w.T for one row, reading w once (bf16/fp16/fp32 weights, or int8 codes + per-channel
   scales, read as bytes or, an autotuning option, as int32 words of four codes). Options: `norm=(weight, eps)`
-  applies RMSNorm to x on the fly (the sum of squares is accumulated in the same pass and applied at the end: y = rsqrt(mean(x^2) + eps) * (w @ (weight * x)), which skips the rounding of the
-  normalized x to bf16 that the eager layer does); `gate=True` reads w as [gate | up] and returns silu(g) * u;
+  applies RMSNorm to x on the fly (the sum of squares is accumulated in the same pass and applied at the end:
+  y = rsqrt(mean(x^2) + eps) * (w @ (weight * x)), which skips the rounding of the normalized x to bf16 that the
+  eager layer does); `gate=True` reads w as [gate | up] and returns silu(g) * u;
   `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
   layer's `x + sublayer(x)` does.
 - `rope_kv(qkv, cos, sin, k_cache, v_cache, pos)`: rotary on q and k, k and v written to cache slot `pos`, q out.

@@ -11,8 +11,9 @@ token takes the language expert), reading the same modules' weights:
 Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
 projection runs through its own module, its residual add left pending for the next norm's kernel (`add_norm`: add and
 RMSNorm in one) and its SwiGLU gate in one kernel, and the rest keeps the kernels. At batches 2..MAX_BATCH the
-products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep the kernels. A model whose layers are not the stock modules, or that carries hooks, keeps the ordinary step.
-`COGVLM_DECODE_KERNELS=0` turns this off.
+products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep the kernels. A model
+whose layers are not the stock modules, or that carries hooks, keeps the ordinary step. `COGVLM_DECODE_KERNELS=0`
+turns this off.
 """
 from __future__ import annotations
 
@@ -69,34 +70,33 @@ class FastStep:
         cos, sin = (t.view(B, -1) for t in rope_tables(next_pos, cfg.head_dim, cfg.rope_theta))
         for layer, cache in zip(llm.layers, self.caches):
             attn, mlp = layer.attn, layer.mlp.language_expert
-            stream, qkv = self.normed(stream, attn.language_expert_qkv, layer.attn_norm)
+            x, qkv = self.normed(stream, attn.language_expert_qkv, layer.attn_norm)
             q = k.rope_kv(qkv, cos, sin, cache.k, cache.v, cache_pos)
             a = k.attend(q, cache.k, cache.v, key_valid, cache_pos)
-            stream = self.added(stream, attn.language_expert_dense, a.view(B, -1))
-            stream, h = self.normed(stream, mlp.gate_up, layer.mlp_norm, gate=True)
-            stream = self.added(stream, mlp.down, h)
+            stream = self.added(x, attn.language_expert_dense, a.view(B, -1))
+            x, h = self.normed(stream, mlp.gate_up, layer.mlp_norm, gate=True)
+            stream = self.added(x, mlp.down, h)
         x, pending = stream
         x = x if pending is None else x + pending
         return llm.lm_head(llm.norm(x[:, None])).float()[:, -1]
 
     def normed(self, stream, linear: nn.Module, norm: RMSNorm, gate: bool = False):
-        """(stream with its pending product added, linear(norm(x))), gated by SwiGLU with gate: in one kernel for one
-        row when the kernels read this layer's weight, else the add and the norm in one kernel, then the module."""
+        """(x: the stream with its pending product added, linear(norm(x))), gated by SwiGLU with gate: in one kernel
+        for one row when the kernels read this layer's weight, else the add and the norm in one kernel, then the
+        module."""
         x, pending = stream
         weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
         if weight is not None:
             x = x if pending is None else x + pending
             y = self.k.gemv(x.view(-1), weight, scales, norm=(norm.weight, norm.eps), gate=gate, out_dtype=self.dtype)
-            return (x, None), y.view(1, -1)
+            return x, y.view(1, -1)
         x, h = self.k.add_norm(x, pending, norm.weight, norm.eps)
         y = linear(h[:, None]).squeeze(1)
-        return (x, None), self.k.silu_gate(y) if gate else y
+        return x, self.k.silu_gate(y) if gate else y
 
-    def added(self, stream, linear: nn.Module, h: torch.Tensor):
-        """The stream plus linear(h): added in the product's kernel for one row when the kernels read this layer's
+    def added(self, x, linear: nn.Module, h: torch.Tensor):
+        """The stream x plus linear(h): added in the product's kernel for one row when the kernels read this layer's
         weight, else left pending for the next norm."""
-        x, pending = stream
-        x = x if pending is None else x + pending
         weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
         if weight is not None:
             y = self.k.gemv(h.reshape(-1), weight, scales, residual=x.view(-1), out_dtype=self.dtype)

@@ -301,6 +301,7 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
     # The next step is queued on the GPU before this step's tokens reach the caller, so that the GPU decodes while
     # the host reads, detokenizes and streams them (one step is decoded in vain when every row ends early).
     host = torch.empty(B, dtype=torch.long, pin_memory=device.type == "cuda")
+    copied = torch.cuda.Event() if device.type == "cuda" else None  # (when the tokens reached `host`)
     finished_on_device, known = finished.to(device), finished.clone()
     for step in range(max_new_tokens):
         scores = process_logits(logits, seen, **sampling)
@@ -313,7 +314,6 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
             finished_on_device, known = finished.to(device), finished.clone()
         tokens = tokens.masked_fill(finished_on_device, pad_id)
         host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event() if device.type == "cuda" else None
         if copied is not None:
             copied.record(torch.cuda.current_stream(device))
         more = step < max_new_tokens - 1
