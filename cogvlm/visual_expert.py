@@ -22,23 +22,37 @@ from .fusion import fused
 from .layout import VISION_TOKEN_TYPE
 
 
-
 @dataclass
 class ExpertRoute:
-    """Flat indices (into batch*length) of the tokens each expert processes, computed once per forward pass."""
+    """Which tokens each expert processes, computed once per forward pass: flat indices into batch*length, and, when
+    every row has its vision tokens at the same positions [start, end) (one image in a single prompt, a caption batch
+    of one prompt), that span, which lets `route` slice instead of gather."""
 
     vision: torch.Tensor  # (Nv,) long
     language: torch.Tensor  # (Nl,) long
     inverse: torch.Tensor  # (Nv+Nl,) where each token sits in cat(vision tokens, language tokens)
+    span: tuple[int, int] | None = None  # (start, end) of the vision positions, the same in every row
 
     @classmethod
     def from_token_types(cls, token_type_ids: torch.Tensor) -> "ExpertRoute | None":
         """None when every token is text: the caller then runs the language expert on everything, no gathering."""
-        mask = vision_expert_mask(token_type_ids).flatten()
+        mask = vision_expert_mask(token_type_ids.cpu())  # (one read to the host, as the indices need anyway)
         if not mask.any():
             return None
-        vision, language = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
-        return cls(vision=vision, language=language, inverse=torch.cat([vision, language]).argsort())
+        flat = mask.flatten()
+        vision, language = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        device = token_type_ids.device
+        return cls(vision=vision.to(device), language=language.to(device),
+                   inverse=torch.cat([vision, language]).argsort().to(device), span=shared_span(mask))
+
+
+def shared_span(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(start, end) if every row of the (B, L) mask is True on exactly positions start..end-1, else None."""
+    positions = mask[0].nonzero().squeeze(1)
+    if len(positions) == 0 or not torch.equal(mask, mask[:1].expand_as(mask)):
+        return None
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    return (start, end) if end - start == len(positions) else None
 
 
 def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -52,10 +66,17 @@ def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
 def route(x: torch.Tensor, expert_route: ExpertRoute | None, vision_fn, language_fn) -> torch.Tensor:
     """Apply vision_fn to the vision tokens and language_fn to the others; (B, L, D_in) -> (B, L, D_out).
 
-    Gathering by index keeps the work proportional to the tokens each expert owns (no masked copies of full tensors).
+    Each expert sees only its own tokens (no masked copies of full tensors). With a shared span the vision tokens
+    are a slice (no copy for one row) and the output is put together with one concatenation; otherwise they are
+    gathered by index.
     """
     if expert_route is None:
         return language_fn(x)
+    if expert_route.span is not None:
+        start, end = expert_route.span
+        out_v = vision_fn(x[:, start:end])
+        out_l = language_fn(torch.cat([x[:, :start], x[:, end:]], dim=1))
+        return torch.cat([out_l[:, :start], out_v, out_l[:, start:]], dim=1)
     B, L, _ = x.shape
     flat = x.reshape(B * L, -1)
     vision_idx, language_idx = expert_route.vision, expert_route.language

@@ -131,7 +131,8 @@ def test_move_to_rebuilds_containers_and_routes_only_when_needed():
     assert dm.move_to(nested, torch.device("cpu")) is nested  # nothing to move: the same objects
     moved = dm.move_to(nested, torch.device("meta"))
     assert moved[0].is_meta and moved[1][0].is_meta and moved[1][1]["a"].is_meta and moved[1][1]["flag"] is True
-    assert isinstance(moved[2], ExpertRoute) and all(t.is_meta for t in vars(moved[2]).values())
+    tensors = [t for t in vars(moved[2]).values() if isinstance(t, torch.Tensor)]
+    assert isinstance(moved[2], ExpertRoute) and len(tensors) == 3 and all(t.is_meta for t in tensors)
     assert nested[2].vision.device.type == "cpu"  # the original route is untouched
 
 

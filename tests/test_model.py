@@ -1,6 +1,7 @@
 """The known traps of CogVLM, each as a named test, and cache consistency on the converted fixture model."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from cogvlm.generate import DecodeSession
 from cogvlm.llm import RMSNorm
 from cogvlm.layout import build_position_ids
 from cogvlm import CogVLM
-from cogvlm.visual_expert import vision_expert_mask
+from cogvlm.visual_expert import ExpertRoute, SwiGLU, route, vision_expert_mask
 from cogvlm.vit import VisionBlock
 
 FIXTURES = Path(os.environ.get("COGVLM_FIXTURES", Path(__file__).parent / "fixtures" / "hf_reference"))
@@ -34,6 +35,36 @@ def test_eoi_token_uses_the_language_expert():
 
 def test_last_position_is_always_language():
     assert not vision_expert_mask(torch.ones(1, 5, dtype=torch.long))[0, -1]
+
+
+def test_route_slices_a_shared_span_and_gathers_otherwise():
+    one = image_prompt_types()
+    assert ExpertRoute.from_token_types(one).span == (1, N_IMG)  # boi + patches; eoi is language
+    assert ExpertRoute.from_token_types(one.repeat(3, 1)).span == (1, N_IMG)  # a batch of one prompt
+    left_padded = torch.cat([one, torch.tensor([[0] + one[0, :-1].tolist()])])  # the image one position later
+    assert ExpertRoute.from_token_types(left_padded).span is None
+    two_images = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 1, 0]])  # vision positions 1-2 and 5-6: not one span
+    assert ExpertRoute.from_token_types(two_images).span is None
+    assert ExpertRoute.from_token_types(torch.zeros(2, 6, dtype=torch.long)) is None  # all text: no route
+
+
+def test_route_by_span_computes_what_the_gathers_compute():
+    torch.manual_seed(0)
+    D = 16
+    experts = [SwiGLU(D, 24), SwiGLU(D, 24)]
+    for types in (image_prompt_types(), image_prompt_types().repeat(3, 1), torch.tensor([[1, 1, 1, 0, 0]])):
+        spanned = ExpertRoute.from_token_types(types)
+        gathered = ExpertRoute(spanned.vision, spanned.language, spanned.inverse, span=None)
+        assert spanned.span is not None
+        x = torch.randn(*types.shape, D)
+        want = torch.empty(*types.shape, D)  # each token through its own expert, one at a time
+        mask = vision_expert_mask(types)
+        for b, t in itertools.product(*map(range, types.shape)):
+            want[b, t] = experts[0 if mask[b, t] else 1](x[b, t][None])[0]
+        for r in (spanned, gathered):
+            got = route(x, r, *experts)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(route(x, spanned, *experts), route(x, gathered, *experts))
 
 
 def test_image_patches_share_one_position_id():
