@@ -56,6 +56,12 @@ def cuda_time(fn, warmup: int = 2, iters: int = 5) -> float:
     return statistics.median(times)
 
 
+def commit(cwd=None) -> str:
+    """The checkout's commit, with "-dirty" when tracked files differ from it (a copied working tree, say)."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=cwd).stdout.strip()
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randn(2**29, device="cuda")
@@ -343,7 +349,7 @@ def main() -> None:
         r = run_speed(args)
     r["batches"] = sorted(set(args.batches) | set(args.compiled_batches))
     r["date"] = time.strftime("%Y-%m-%d")
-    r["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    r["commit"] = commit()
     r["command"] = " ".join(sys.argv)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))

@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.bench import TOKENIZER, write_jpegs  # noqa: E402
+from bench.bench import TOKENIZER, commit, write_jpegs  # noqa: E402
 from bench.random_weights import random_model  # noqa: E402
 from cogvlm.caption import find_images  # noqa: E402
 from cogvlm.caption_dist import KILL_ENV, run_dist_caption_job  # noqa: E402
@@ -171,8 +171,7 @@ def main() -> None:
         return
     r.update(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv),
              card=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-             commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                   cwd=ROOT).stdout.strip())
+             commit=commit(ROOT))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     print(json.dumps(r, indent=2))

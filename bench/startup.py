@@ -98,8 +98,8 @@ def main() -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     r: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs,
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=REPO).stdout.strip(),
+               "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                        text=True, cwd=REPO).stdout.strip(),
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": {}}
     for name, argv in COMMANDS.items():
         runs = [run([sys.executable, *argv], env) for _ in range(args.runs + 1)][1:]
