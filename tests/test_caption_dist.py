@@ -85,8 +85,10 @@ def test_three_ranks_caption_every_image_once_as_one_process_does(images, refere
     assert "61 images to caption over 3 process(es)" in run.stderr
     counts = re.search(r"images per rank: 0: (\d+), 1: (\d+), 2: (\d+)", run.stderr)
     assert counts and sum(map(int, counts.groups())) == 61, run.stderr
-    assert len(re.findall(r"^caption 0/61 ", run.stderr, re.M)) == 1  # one bar for the whole job (rank 0's)
-    assert re.search(r"^caption 61/61 .*img/s.*ETA", run.stderr, re.M), run.stderr
+    # One bar for the whole job (rank 0's). Not anchored at line starts: the ranks share one stderr, and a line another
+    # rank (or torch's C++ logging, which writes in pieces) was writing at that moment may end in front of the bar's.
+    assert len(re.findall(r"caption 0/61 \[", run.stderr)) == 1, run.stderr
+    assert re.search(r"caption 61/61 \[#+\].*img/s.*ETA", run.stderr), run.stderr
 
 
 def test_a_killed_rank_loses_only_its_batch_in_flight_and_a_rerun_with_more_ranks_finishes(images, reference,
@@ -138,7 +140,7 @@ def test_the_lock_keeps_a_second_job_out(images, tmp_path):
     lock.write_text(held)  # a job of this test's own process, which is alive
     run = torchrun(2, images, out)
     assert run.returncode != 0
-    errors = re.findall(r"^cogvlm caption: error: (.*)$", run.stderr, re.M)
+    errors = re.findall(r"cogvlm caption: error: (.*)$", run.stderr, re.M)  # (unanchored: the ranks share one stderr)
     assert errors == [f"{out} is being written by another caption job (host {socket.gethostname()}, pid "
                       f"{os.getpid()}, since 2025-01-01 00:00:00): wait for it to end; if that job is gone (killed, "
                       f"or its machine went down), remove {lock} and run again"], run.stderr  # rank 0's, once
