@@ -1,6 +1,6 @@
 """cogvlm.caption: the captioning job in-process on the shipped tiny model (examples/tiny-shapes), its output file's
 safety (never touch what is not ours, keep what was written, nothing left behind by a failed start) and odd inputs.
-The command line around it is tested in tests/test_cli.py."""
+The command line around it is tested in tests/test_cli_caption.py."""
 from __future__ import annotations
 
 import errno
