@@ -17,36 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.accuracy import relative  # noqa: E402
 from bench.bench import matmul_rate  # noqa: E402
+from bench.quant_kernels import graph_time  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.speed import keep_addmm_fused  # noqa: E402
 from cogvlm.vit import VisionBlock  # noqa: E402
-
-
-def graph_time(fn, x, calls: int) -> float:
-    """Seconds per call of fn(x), `calls` calls replayed from one CUDA graph (after two runs outside it)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = x
-        for _ in range(calls):
-            y = fn(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / calls)
-    del y
-    return best
 
 
 def main() -> None:
@@ -85,7 +59,7 @@ def main() -> None:
             got = fn(x)
             torch.cuda.synchronize()
             setup = time.perf_counter() - t0
-            s = graph_time(fn, x, 63)
+            s = graph_time(lambda: fn(x), reps=63)  # (63 blocks, as the tower runs them)
             print(f"| {name} | {s * 1e6:.1f} | {flops / rate / s:.0%} | {relative(got, want):.3e} | {setup:.0f} |",
                   flush=True)
 
