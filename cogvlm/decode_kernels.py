@@ -24,6 +24,8 @@ They run in Triton's CPU interpreter too (tests, `TRITON_INTERPRET=1`).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .quantize.triton_mm import INTERPRETED, triton
@@ -43,6 +45,30 @@ if triton is not None:
         words = named_args["INT8"] and named_args["K"] % 4 == 0
         return [c for c in configs if words or not c.kwargs["WORDS"]]
 
+    @triton.jit
+    def _weight_tile(w_ptr, rn, n_ok, k0, N, K, GATE: tl.constexpr, WORDS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) weight tile at input k0 (int32 words of four int8 codes with WORDS, BLOCK_K / 4 of
+        them), and the up tile of the same channels with GATE; past K, nothing is read."""
+        if WORDS:  # K % 4 == 0: a word holds codes 4j..4j+3, code 4j+b in byte b
+            j = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            offsets, ok = rn[:, None] * (K // 4) + j[None, :], n_ok[:, None] & (j[None, :] < K // 4)
+            w32 = w_ptr.to(tl.pointer_type(tl.int32))
+            w, up_ptr = tl.load(w32 + offsets, mask=ok, other=0), w32 + N * (K // 4)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            offsets, ok = rn[:, None] * K + rk[None, :], n_ok[:, None] & (rk[None, :] < K)
+            w, up_ptr = tl.load(w_ptr + offsets, mask=ok, other=0), w_ptr + N * K
+        u = tl.load(up_ptr + offsets, mask=ok, other=0) if GATE else w  # the up row of a channel: N rows further
+        return w, u
+
+    @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        """With programmatic dependent launch (`launch_options`): wait until the previous kernel's writes are visible,
+        and let the next kernel's programs start (their own work before their wait: loading their weights)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]): the first eight are the int8 product's (`triton_mm._int8_row`);
     # WORDS read 1-6 % faster than bytes at two of the four int8 shapes on an H200 (bench/gemv_configs.py)
     @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),
@@ -53,32 +79,31 @@ if triton is not None:
                      key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
-              RESIDUAL: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WORDS: tl.constexpr):
+              RESIDUAL: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
-        if INT8 and WORDS:  # K % 4 == 0: a word holds codes 4j..4j+3, code 4j+b in byte b
+        # The weights do not depend on the previous kernel: the first tile is read before waiting for it (with PDL,
+        # while that kernel's last programs still run); each step then reads the next tile after its arithmetic.
+        w, u = _weight_tile(w_ptr, rn, n_ok, 0, N, K, GATE, INT8 and WORDS, BLOCK_K)
+        _wait_for_inputs(PDL)
+        if INT8 and WORDS:
             KW: tl.constexpr = BLOCK_K // 4
             acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
             squares = tl.zeros((KW,), dtype=tl.float32)
-            w32 = w_ptr.to(tl.pointer_type(tl.int32))
-            for k0 in range(0, K // 4, KW):
-                j = k0 + tl.arange(0, KW)
+            for k0 in range(0, K, BLOCK_K):
+                j = k0 // 4 + tl.arange(0, KW)
                 j_ok = j < K // 4
-                offsets = rn[:, None] * (K // 4) + j[None, :]
-                ok = n_ok[:, None] & j_ok[None, :]
-                words = tl.load(w32 + offsets, mask=ok, other=0)
-                if GATE:
-                    up_words = tl.load(w32 + N * (K // 4) + offsets, mask=ok, other=0)
                 for b in tl.static_range(4):
                     x = tl.load(x_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
                     if NORM:
                         squares += x * x
                         x = x * tl.load(nw_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
-                    acc += _byte_to_f32(words, 8 * b) * x[None, :]
+                    acc += _byte_to_f32(w, 8 * b) * x[None, :]
                     if GATE:
-                        acc_up += _byte_to_f32(up_words, 8 * b) * x[None, :]
+                        acc_up += _byte_to_f32(u, 8 * b) * x[None, :]
+                w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, True, BLOCK_K)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -90,13 +115,10 @@ if triton is not None:
                 if NORM:
                     squares += x * x
                     x = x * tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-                offsets = rn[:, None] * K + rk[None, :]
-                ok = n_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_ptr + offsets, mask=ok, other=0)
                 acc += (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
-                if GATE:  # the up row of the same channel, N rows further
-                    u = tl.load(w_ptr + N * K + offsets, mask=ok, other=0)
+                if GATE:
                     acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
+                w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, False, BLOCK_K)
         y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -116,7 +138,8 @@ if triton is not None:
 
     @triton.jit
     def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, S,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         b, h = tl.program_id(0), tl.program_id(1)
         j = tl.arange(0, BLOCK)
         ok = j < HALF
@@ -139,7 +162,9 @@ if triton is not None:
         tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
 
     @triton.jit
-    def _add_norm_rows(x_ptr, y_ptr, w_ptr, sum_ptr, h_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_norm_rows(x_ptr, y_ptr, w_ptr, sum_ptr, h_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         row = tl.program_id(0)
         d = tl.arange(0, BLOCK)
         ok = d < D
@@ -152,7 +177,8 @@ if triton is not None:
         tl.store(h_ptr + row * D + d, (w * (x * r)).to(h_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_gate_rows(gu_ptr, y_ptr, F, BLOCK: tl.constexpr):
+    def _silu_gate_rows(gu_ptr, y_ptr, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         row = tl.program_id(0)
         f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = f < F
@@ -165,7 +191,8 @@ if triton is not None:
                               ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
     def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+        _wait_for_inputs(PDL)
         bh, c = tl.program_id(0), tl.program_id(1)
         n_chunks = tl.num_programs(1)
         b = bh // H
@@ -197,7 +224,8 @@ if triton is not None:
 
     @triton.jit
     def _attend_combine(o_ptr, m_ptr, l_ptr, out_ptr, n_chunks, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         bh = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         c_ok = c < n_chunks
@@ -209,6 +237,18 @@ if triton is not None:
                     other=0.0)
         tl.store(out_ptr + bh * D + d, (tl.sum(o * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty),
                  mask=d < D)
+
+
+PDL = os.environ.get("COGVLM_PDL", "1") != "0"
+
+
+def launch_options(device: torch.device) -> dict:
+    """{"launch_pdl": True} on GPUs with programmatic dependent launch (compute capability 9.0+), unless
+    COGVLM_PDL=0: each kernel of the step may then start while the previous one finishes, reading what does not
+    depend on it (a product's first weight tile) before it waits (`_wait_for_inputs`); {} otherwise."""
+    if not PDL or INTERPRETED or device.type != "cuda":
+        return {}
+    return {"launch_pdl": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
@@ -223,13 +263,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     y = torch.empty(N, dtype=dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     int8 = weight.dtype == torch.int8
+    pdl = launch_options(x.device)
     args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
-            norm is not None, gate, residual is not None, int8)
+            norm is not None, gate, residual is not None, int8, bool(pdl))
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
     if config is None:
-        launch(_gemv, grid, lambda k: k, *args)
+        launch(_gemv, grid, lambda k: k, *args, **pdl)
     else:
-        _gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs())
+        _gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs(), **pdl)
     return y
 
 
@@ -240,8 +281,9 @@ def add_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps:
     total = x if y is None else torch.empty_like(x)
     h = torch.empty(B, D, dtype=weight.dtype, device=x.device)
     block = triton.next_power_of_2(D)
+    pdl = launch_options(x.device)
     _add_norm_rows[(B,)](x, x if y is None else y, weight, total, h, D, eps, ADD=y is not None, BLOCK=block,
-                         num_warps=min(16, max(1, block // 256)))
+                         PDL=bool(pdl), num_warps=min(16, max(1, block // 256)), **pdl)
     return total, h
 
 
@@ -249,7 +291,9 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """(B, 2F) [gate | up] -> (B, F) silu(gate) * up in one kernel, rounded as the eager ops round."""
     B, F2 = gate_up.shape
     y = torch.empty(B, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
-    _silu_gate_rows[(B, triton.cdiv(F2 // 2, 1024))](gate_up, y, F2 // 2, BLOCK=1024, num_warps=4)
+    pdl = launch_options(gate_up.device)
+    _silu_gate_rows[(B, triton.cdiv(F2 // 2, 1024))](gate_up, y, F2 // 2, BLOCK=1024, PDL=bool(pdl), num_warps=4,
+                                                     **pdl)
     return y
 
 
@@ -258,8 +302,9 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: to
     """qkv (B, 3 H hd); cos, sin (B, hd/2) fp32; caches (B, H, S, hd); pos (1,) long -> q (B, H, hd)."""
     B, H, S, hd = k_cache.shape
     q = torch.empty(B, H, hd, dtype=qkv.dtype, device=qkv.device)
+    pdl = launch_options(qkv.device)
     _rope_kv[(B, H)](qkv, cos, sin, pos, q, k_cache, v_cache, H, S, HALF=hd // 2,
-                     BLOCK=triton.next_power_of_2(hd // 2))
+                     BLOCK=triton.next_power_of_2(hd // 2), PDL=bool(pdl), **pdl)
     return q
 
 
@@ -280,11 +325,12 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_va
     m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     block_d = triton.next_power_of_2(hd)
+    pdl = launch_options(q.device)
     launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, q, k_cache, v_cache, key_valid, pos, parts, m, l,
-           H, S, chunk, hd ** -0.5, hd, block_d)
+           H, S, chunk, hd ** -0.5, hd, block_d, bool(pdl), **pdl)
     out = torch.empty_like(q)
     _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
-                              BLOCK_C=triton.next_power_of_2(n_chunks))
+                              BLOCK_C=triton.next_power_of_2(n_chunks), PDL=bool(pdl), **pdl)
     return out
 
 

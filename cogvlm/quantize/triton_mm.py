@@ -138,14 +138,15 @@ if triton is not None:
                  mask=ok[:, None])
 
 
-def launch(kernel, grid, wrap, *args) -> None:
+def launch(kernel, grid, wrap, *args, **options) -> None:
+    """An autotuned kernel's launch; options: launch options (`decode_kernels.launch_options`)."""
     if INTERPRETED:  # (the kernel's own pruning of its list first, as its autotuner does)
         configs, prune = kernel.configs, getattr(kernel, "early_config_prune", None)
         configs = prune(configs, dict(zip(kernel.arg_names, args))) if prune else configs
         config = configs[interpreted_config % len(configs)].all_kwargs()
-        kernel.fn[grid(config)](*args, **config)
+        kernel.fn[grid(config)](*args, **config, **options)
     else:
-        wrap(kernel)[grid](*args)
+        wrap(kernel)[grid](*args, **options)
 
 
 def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""One decode step in its CUDA graph: the model's own step, the Triton step (`cogvlm.fast_decode`), and the Triton
+step with programmatic dependent launch (`cogvlm.decode_kernels.launch_options`), side by side on one card.
+
+    python bench/decode_step.py [--preset cogvlm-chat-hf] [--modes bf16 int8] [--batches 1 8] [--steps 64]
+
+Full-size random bf16 weights (bench/random_weights.py); int8 quantizes the same weights in place after the bf16
+rows. Each variant gets its own decode session (its own graph) after the same prefill (one image + 24 text tokens);
+a step's time is the median over three runs of `--steps` steps between CUDA events, each variant timed twice in
+turn (the spread between the two is the noise). The floor: the language-path weights plus the batch's KV cache
+read once per step at the copy bandwidth measured in the same run. Agreement: the logits of 8 steps fed the same
+tokens, each variant against the model's own step (relative error, and how often the top token is the same).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench import commit, copy_bandwidth, cuda_time, language_path_bytes, make_prompt  # noqa: E402
+from bench.random_weights import random_model  # noqa: E402
+from cogvlm import decode_kernels  # noqa: E402
+from cogvlm.config import CogVLMConfig  # noqa: E402
+from cogvlm.generate import DecodeSession  # noqa: E402
+
+VARIANTS = {"model step": ("0", False), "Triton step": ("1", False), "Triton step + PDL": ("1", True)}
+
+
+def session(model, variant: str, prompt, length: int) -> DecodeSession:
+    """A decode session of this variant, prefilled with the prompt, its graph captured."""
+    kernels, pdl = VARIANTS[variant]
+    decode_kernels.PDL = pdl
+    before = os.environ.get("COGVLM_DECODE_KERNELS")
+    os.environ["COGVLM_DECODE_KERNELS"] = kernels  # read when the session builds its step
+    try:
+        s = DecodeSession(model, prompt[0].shape[0], length)
+        s.prefill(prompt[0], prompt[1], pixel_values=prompt[2])
+        s.step(torch.zeros(prompt[0].shape[0], dtype=torch.long, device="cuda"))  # captures the graph
+    finally:
+        os.environ.pop("COGVLM_DECODE_KERNELS") if before is None else os.environ.update(
+            COGVLM_DECODE_KERNELS=before)
+    return s
+
+
+def logits(s: DecodeSession, prompt, tokens: torch.Tensor) -> torch.Tensor:
+    """(steps, B, V) logits of the steps after a fresh prefill, fed `tokens` (steps, B)."""
+    s.reset()
+    s.prefill(prompt[0], prompt[1], pixel_values=prompt[2])
+    return torch.stack([s.step(t).float() for t in tokens])
+
+
+def step_time(s: DecodeSession, prompt_len: int, steps: int) -> float:
+    tok = torch.zeros(s.batch_size, dtype=torch.long, device="cuda")
+
+    def run():
+        s.length = prompt_len + 1  # rewind the host counter; slots past the prompt are rewritten
+        s.cache_pos.fill_(prompt_len + 1)
+        for _ in range(steps):
+            s.step(tok)
+
+    return cuda_time(run, warmup=1, iters=3) / steps
+
+
+def measure(model, cfg, mode: str, batches, steps: int, bandwidth: float) -> list[dict]:
+    rows = []
+    kv_per_token = 2 * cfg.text.num_hidden_layers * cfg.text.hidden_size * 2
+    for batch in batches:
+        prompt = make_prompt(cfg, batch, 24)
+        L = prompt[0].shape[1]
+        sessions = {v: session(model, v, prompt, L + steps + 1) for v in VARIANTS}
+        g = torch.Generator().manual_seed(1)
+        feed = torch.randint(100, cfg.text.vocab_size, (8, batch), generator=g).cuda()
+        ref = logits(sessions["model step"], prompt, feed)
+        floor = (language_path_bytes(model) + batch * (L + steps) * kv_per_token) / bandwidth
+        times = {v: [] for v in VARIANTS}
+        for _ in range(2):
+            for v, s in sessions.items():
+                times[v].append(step_time(s, L, steps))
+        for v, s in sessions.items():
+            got = logits(s, prompt, feed)
+            t = min(times[v])
+            rows.append({"mode": mode, "batch": batch, "variant": v, "triton": s.fast is not None, "step_us": t * 1e6,
+                         "spread_us": abs(times[v][0] - times[v][1]) * 1e6, "tok_s": batch / t,
+                         "of_floor": floor / t, "rel_err": ((got - ref).norm() / ref.norm()).item(),
+                         "top1_same": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()})
+        del sessions
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cogvlm-chat-hf")
+    ap.add_argument("--modes", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    from cogvlm.quantize import QuantSpec, pack_model, quantize_model
+
+    bandwidth = copy_bandwidth()
+    cfg = CogVLMConfig.from_name(args.preset)
+    model = random_model(cfg)
+    rows = []
+    with torch.no_grad():
+        for mode in args.modes:
+            if mode == "int8":
+                quantize_model(model, QuantSpec("int8", None, True, None))
+                pack_model(model, torch.bfloat16)
+                model.__dict__.pop("_decode_session", None)
+            rows += measure(model, cfg, mode, args.batches, args.steps, bandwidth)
+    print(f"{torch.cuda.get_device_name()}, commit {commit()}, copy {bandwidth / 1e9:.0f} GB/s")
+    print("| mode | batch | step | us | spread | tok/s | of floor | logits vs model step | top-1 same |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        variant = r["variant"] if r["triton"] == (r["variant"] != "model step") else r["variant"] + " (NOT RUN: fell back)"
+        print(f"| {r['mode']} | {r['batch']} | {variant} | {r['step_us']:.0f} | {r['spread_us']:.0f} | "
+              f"{r['tok_s']:.1f} | {r['of_floor']:.0%} | {r['rel_err']:.2e} | {r['top1_same']:.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"commit": commit(), "copy_GBps": bandwidth / 1e9, "rows": rows},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
