@@ -1,10 +1,10 @@
 """One decode step in its CUDA graph: the model's own step, the Triton step (`cogvlm.fast_decode`), and the Triton
 step with programmatic dependent launch (`cogvlm.decode_kernels.launch_options`), side by side on one card.
 
-    python bench/decode_step.py [--preset cogvlm-chat-hf] [--modes bf16 int8] [--batches 1 8] [--steps 64]
+    python bench/decode_step.py [--preset cogvlm-chat-hf] [--modes bf16 int8 int4-g128] [--batches 1 8] [--steps 64]
 
-Full-size random bf16 weights (bench/random_weights.py); int8 quantizes the same weights in place after the bf16
-rows. Each variant gets its own decode session (its own graph) after the same prefill (one image + 24 text tokens);
+Full-size random bf16 weights (bench/random_weights.py), made again for each mode (the same seed) and quantized
+for int8 / int4-g128 as `quantize_model` + `pack_model` do at load. Each variant gets its own decode session (its own graph) after the same prefill (one image + 24 text tokens);
 a step's time is the median over three runs of `--steps` steps between CUDA events, each variant timed twice in
 turn (the spread between the two is the noise). The floor: the language-path weights plus the batch's KV cache
 read once per step at the copy bandwidth measured in the same run. Agreement: the logits of 8 steps fed the same
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench import commit, copy_bandwidth, cuda_time, language_path_bytes, make_prompt  # noqa: E402
+from bench.bench import commit, copy_bandwidth, cuda_time, make_prompt  # noqa: E402
 from bench.random_weights import random_model  # noqa: E402
 from cogvlm import decode_kernels  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
@@ -30,10 +30,20 @@ from cogvlm.generate import DecodeSession  # noqa: E402
 VARIANTS = {"model step": ("0", False), "Triton step": ("1", False), "Triton step + PDL": ("1", True)}
 
 
+def path_bytes(model) -> int:
+    """Bytes a text-only decode step reads: the language experts, norms and lm_head as stored (int8 codes and
+    scales, int4 packs), not the embedding table."""
+    modules = [model.llm.lm_head, model.llm.norm]
+    for layer in model.llm.layers:
+        a = layer.attn
+        modules += [a.language_expert_qkv, a.language_expert_dense, layer.mlp.language_expert, layer.attn_norm,
+                    layer.mlp_norm]
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+
+
 def session(model, variant: str, prompt, length: int) -> DecodeSession:
     """A decode session of this variant, prefilled with the prompt, its graph captured."""
-    kernels, pdl = VARIANTS[variant]
-    decode_kernels.PDL = pdl
+    kernels, decode_kernels.PDL = VARIANTS[variant]
     before = os.environ.get("COGVLM_DECODE_KERNELS")
     os.environ["COGVLM_DECODE_KERNELS"] = kernels  # read when the session builds its step
     try:
@@ -75,7 +85,7 @@ def measure(model, cfg, mode: str, batches, steps: int, bandwidth: float) -> lis
         g = torch.Generator().manual_seed(1)
         feed = torch.randint(100, cfg.text.vocab_size, (8, batch), generator=g).cuda()
         ref = logits(sessions["model step"], prompt, feed)
-        floor = (language_path_bytes(model) + batch * (L + steps) * kv_per_token) / bandwidth
+        floor = (path_bytes(model) + batch * (L + steps) * kv_per_token) / bandwidth
         times = {v: [] for v in VARIANTS}
         for _ in range(2):
             for v, s in sessions.items():
@@ -95,7 +105,7 @@ def measure(model, cfg, mode: str, batches, steps: int, bandwidth: float) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cogvlm-chat-hf")
-    ap.add_argument("--modes", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
+    ap.add_argument("--modes", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "int4-g128"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--json", help="also write the rows here")
@@ -104,15 +114,17 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     cfg = CogVLMConfig.from_name(args.preset)
-    model = random_model(cfg)
     rows = []
     with torch.no_grad():
-        for mode in args.modes:
-            if mode == "int8":
-                quantize_model(model, QuantSpec("int8", None, True, None))
+        for mode in args.modes:  # each from the same random bf16 weights (seed 0)
+            model = random_model(cfg)
+            if mode != "bf16":
+                kind, *group = mode.split("-g")
+                quantize_model(model, QuantSpec(kind, int(group[0]) if group else None, True, None))
                 pack_model(model, torch.bfloat16)
-                model.__dict__.pop("_decode_session", None)
             rows += measure(model, cfg, mode, args.batches, args.steps, bandwidth)
+            del model
+            torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}, commit {commit()}, copy {bandwidth / 1e9:.0f} GB/s")
     print("| mode | batch | step | us | spread | tok/s | of floor | logits vs model step | top-1 same |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -20,7 +20,14 @@ over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the
   that are valid and not after `pos`, split over the cache (flash decoding: each program a chunk of slots, then a
   short combine), so that 32 heads keep every SM reading; invalid slots are never loaded.
 
-They run in Triton's CPU interpreter too (tests, `TRITON_INTERPRET=1`).
+On GPUs of compute capability 9.0+ they are launched with programmatic dependent launch (`launch_options`;
+`COGVLM_PDL=0` turns it off): a kernel's programs may start while the previous kernel's last ones still run, and
+wait for its writes (`_wait_for_inputs`) only after the work that does not need them, a product's first weight tile.
+Measured on an H200 (bench/decode_step.py, docs/benchmarks.md): the bf16 batch-1 step 4010 -> 3843 us, int8 2820 ->
+2753 us. (Asking L2 for each program's whole weight range at its start, tried with it, made the step slower: 4738
+us.)
+
+They run in Triton's CPU interpreter too (tests, `TRITON_INTERPRET=1`), without PDL.
 """
 from __future__ import annotations
 
