@@ -98,7 +98,8 @@ def test_a_mapped_model_is_cut_where_its_weights_are(tiny):  # noqa: F811
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_graph_per_gpu_segment_gives_the_same_tokens(tiny):  # noqa: F811
-    """cuda:0 and the CPU (or cuda:1 when there is one): graphs on the GPU pieces, eager on the CPU ones."""
+    """cuda:0 and the CPU (or cuda:1 when there is one), back and forth (four pieces: [embed, layers.0] [layers.1]
+    [norm] [lm_head]): graphs on the GPU pieces, eager on the CPU ones."""
     other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
     one = CogVLM.from_pretrained(tiny, device="cuda:0", dtype=torch.float32)
     inputs = [t if t is None else t.to("cuda:0") for t in batch_of_two(image_case())]
@@ -108,7 +109,9 @@ def test_one_graph_per_gpu_segment_gives_the_same_tokens(tiny):  # noqa: F811
         "norm": "cuda:0", "lm_head": other})
     for graph in (False, True):
         logits, _, stepper = decode(split, inputs, 8, segmented=True, cuda_graph=graph)
-        assert len(stepper.pieces) == 3
+        assert [piece.device.type for piece in stepper.pieces] == ["cuda", torch.device(other).type, "cuda",
+                                                                          torch.device(other).type]
         assert torch.equal(logits.argmax(-1).cpu(), reference.argmax(-1).cpu())
         torch.testing.assert_close(logits.cpu(), reference.cpu(), atol=1e-4, rtol=1e-4)
-    assert stepper.pieces[0].graph is not None and (stepper.pieces[1].graph is not None) == (other != "cpu")
+    assert stepper.pieces[0].graph is not None and stepper.pieces[2].graph is not None
+    assert (stepper.pieces[1].graph is not None) == (other != "cpu")
