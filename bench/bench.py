@@ -104,14 +104,14 @@ def synthetic_images(batch: int, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 def language_path_bytes(model: CogVLM) -> int:
-    """Weights a text-only decode step reads: language experts, norms, lm_head (not the embedding table)."""
-    total = param_bytes(model.llm.lm_head) + param_bytes(model.llm.norm)
+    """Weights a text-only decode step reads, as held (bf16; int8 codes + scales; int4 packs + scales and zeros):
+    language experts, norms, lm_head (not the embedding table)."""
+    modules = [model.llm.lm_head, model.llm.norm]
     for layer in model.llm.layers:
         a = layer.attn
-        for m in (a.language_expert_qkv, a.language_expert_dense, layer.mlp.language_expert, layer.attn_norm,
-                  layer.mlp_norm):
-            total += param_bytes(m)
-    return total
+        modules += [a.language_expert_qkv, a.language_expert_dense, layer.mlp.language_expert, layer.attn_norm,
+                    layer.mlp_norm]
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 def prefill_flops(model: CogVLM, ids: torch.Tensor) -> float:

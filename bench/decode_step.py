@@ -4,11 +4,12 @@ step with programmatic dependent launch (`cogvlm.decode_kernels.launch_options`)
     python bench/decode_step.py [--preset cogvlm-chat-hf] [--modes bf16 int8 int4-g128] [--batches 1 8] [--steps 64]
 
 Full-size random bf16 weights (bench/random_weights.py), made again for each mode (the same seed) and quantized
-for int8 / int4-g128 as `quantize_model` + `pack_model` do at load. Each variant gets its own decode session (its own graph) after the same prefill (one image + 24 text tokens);
-a step's time is the median over three runs of `--steps` steps between CUDA events, each variant timed twice in
-turn (the spread between the two is the noise). The floor: the language-path weights plus the batch's KV cache
-read once per step at the copy bandwidth measured in the same run. Agreement: the logits of 8 steps fed the same
-tokens, each variant against the model's own step (relative error, and how often the top token is the same).
+for int8 / int4-g128 as `quantize_model` + `pack_model` do at load. Each variant gets its own decode session (its
+own graph) after the same prefill (one image + 24 text tokens); a step's time is the median over three runs of
+`--steps` steps between CUDA events, each variant timed twice in turn (the spread between the two is the noise).
+The floor: the language-path weights as held (`bench.bench.language_path_bytes`) plus the batch's KV cache, read
+once per step at the copy bandwidth measured in the same run. Agreement: the logits of 8 steps fed the same tokens,
+each variant against the model's own step (relative error, and how often the top token is the same).
 """
 from __future__ import annotations
 
@@ -21,24 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench import commit, copy_bandwidth, cuda_time, make_prompt  # noqa: E402
+from bench.bench import commit, copy_bandwidth, cuda_time, language_path_bytes, make_prompt  # noqa: E402
 from bench.random_weights import random_model  # noqa: E402
 from cogvlm import decode_kernels  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
 
 VARIANTS = {"model step": ("0", False), "Triton step": ("1", False), "Triton step + PDL": ("1", True)}
-
-
-def path_bytes(model) -> int:
-    """Bytes a text-only decode step reads: the language experts, norms and lm_head as stored (int8 codes and
-    scales, int4 packs), not the embedding table."""
-    modules = [model.llm.lm_head, model.llm.norm]
-    for layer in model.llm.layers:
-        a = layer.attn
-        modules += [a.language_expert_qkv, a.language_expert_dense, layer.mlp.language_expert, layer.attn_norm,
-                    layer.mlp_norm]
-    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
 def session(model, variant: str, prompt, length: int) -> DecodeSession:
@@ -85,7 +75,7 @@ def measure(model, cfg, mode: str, batches, steps: int, bandwidth: float) -> lis
         g = torch.Generator().manual_seed(1)
         feed = torch.randint(100, cfg.text.vocab_size, (8, batch), generator=g).cuda()
         ref = logits(sessions["model step"], prompt, feed)
-        floor = (path_bytes(model) + batch * (L + steps) * kv_per_token) / bandwidth
+        floor = (language_path_bytes(model) + batch * (L + steps) * kv_per_token) / bandwidth
         times = {v: [] for v in VARIANTS}
         for _ in range(2):
             for v, s in sessions.items():
@@ -129,7 +119,8 @@ def main() -> None:
     print("| mode | batch | step | us | spread | tok/s | of floor | logits vs model step | top-1 same |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        variant = r["variant"] if r["triton"] == (r["variant"] != "model step") else r["variant"] + " (NOT RUN: fell back)"
+        fell_back = r["triton"] != (r["variant"] != "model step")
+        variant = r["variant"] + (" (NOT RUN: fell back)" if fell_back else "")
         print(f"| {r['mode']} | {r['batch']} | {variant} | {r['step_us']:.0f} | {r['spread_us']:.0f} | "
               f"{r['tok_s']:.1f} | {r['of_floor']:.0%} | {r['rel_err']:.2e} | {r['top1_same']:.0%} |")
     if args.json:

@@ -250,13 +250,14 @@ PDL = os.environ.get("COGVLM_PDL", "1") != "0"
 
 
 def launch_options(device: torch.device, rows: int = 1) -> dict:
-    """{"launch_pdl": True} for a one-row step on GPUs with programmatic dependent launch (compute capability 9.0+),
-    unless COGVLM_PDL=0: each kernel of the step may then start while the previous one finishes, reading what does
-    not depend on it (a product's first weight tile) before it waits (`_wait_for_inputs`); {} otherwise. (At 8 rows,
-    where the products run in their modules, it gained nothing for bf16 and slowed the int8 step by 1.7 %.)"""
-    if not PDL or INTERPRETED or device.type != "cuda" or rows > 1:
-        return {}
-    return {"launch_pdl": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
+    """The kernels' PDL argument and launch option: programmatic dependent launch for a one-row step on GPUs that
+    have it (compute capability 9.0+), unless COGVLM_PDL=0. Each kernel of the step may then start while the previous
+    one finishes, reading what does not depend on it (a product's first weight tile) before it waits
+    (`_wait_for_inputs`). (At 8 rows, where the products run in their modules, it gained nothing for bf16 and slowed
+    the int8 step by 1.7 %.)"""
+    on = (PDL and not INTERPRETED and device.type == "cuda" and rows == 1
+          and torch.cuda.get_device_capability(device)[0] >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
@@ -271,14 +272,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     y = torch.empty(N, dtype=dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     int8 = weight.dtype == torch.int8
-    pdl = launch_options(x.device)
     args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
-            norm is not None, gate, residual is not None, int8, bool(pdl))
+            norm is not None, gate, residual is not None, int8)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
     if config is None:
-        launch(_gemv, grid, lambda k: k, *args, **pdl)
+        launch(_gemv, grid, lambda k: k, *args, **launch_options(x.device))
     else:
-        _gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs(), **pdl)
+        _gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs(), **launch_options(x.device))
     return y
 
 
@@ -289,9 +289,8 @@ def add_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps:
     total = x if y is None else torch.empty_like(x)
     h = torch.empty(B, D, dtype=weight.dtype, device=x.device)
     block = triton.next_power_of_2(D)
-    pdl = launch_options(x.device, B)
     _add_norm_rows[(B,)](x, x if y is None else y, weight, total, h, D, eps, ADD=y is not None, BLOCK=block,
-                         PDL=bool(pdl), num_warps=min(16, max(1, block // 256)), **pdl)
+                         num_warps=min(16, max(1, block // 256)), **launch_options(x.device, B))
     return total, h
 
 
@@ -299,9 +298,8 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """(B, 2F) [gate | up] -> (B, F) silu(gate) * up in one kernel, rounded as the eager ops round."""
     B, F2 = gate_up.shape
     y = torch.empty(B, F2 // 2, dtype=gate_up.dtype, device=gate_up.device)
-    pdl = launch_options(gate_up.device, B)
-    _silu_gate_rows[(B, triton.cdiv(F2 // 2, 1024))](gate_up, y, F2 // 2, BLOCK=1024, PDL=bool(pdl), num_warps=4,
-                                                     **pdl)
+    _silu_gate_rows[(B, triton.cdiv(F2 // 2, 1024))](gate_up, y, F2 // 2, BLOCK=1024, num_warps=4,
+                                                     **launch_options(gate_up.device, B))
     return y
 
 
@@ -310,9 +308,8 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: to
     """qkv (B, 3 H hd); cos, sin (B, hd/2) fp32; caches (B, H, S, hd); pos (1,) long -> q (B, H, hd)."""
     B, H, S, hd = k_cache.shape
     q = torch.empty(B, H, hd, dtype=qkv.dtype, device=qkv.device)
-    pdl = launch_options(qkv.device, B)
     _rope_kv[(B, H)](qkv, cos, sin, pos, q, k_cache, v_cache, H, S, HALF=hd // 2,
-                     BLOCK=triton.next_power_of_2(hd // 2), PDL=bool(pdl), **pdl)
+                     BLOCK=triton.next_power_of_2(hd // 2), **launch_options(qkv.device, B))
     return q
 
 
@@ -335,10 +332,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_va
     block_d = triton.next_power_of_2(hd)
     pdl = launch_options(q.device, B)
     launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, q, k_cache, v_cache, key_valid, pos, parts, m, l,
-           H, S, chunk, hd ** -0.5, hd, block_d, bool(pdl), **pdl)
+           H, S, chunk, hd ** -0.5, hd, block_d, **pdl)
     out = torch.empty_like(q)
     _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
-                              BLOCK_C=triton.next_power_of_2(n_chunks), PDL=bool(pdl), **pdl)
+                              BLOCK_C=triton.next_power_of_2(n_chunks), **pdl)
     return out
 
 

@@ -139,7 +139,7 @@ if triton is not None:
 
 
 def launch(kernel, grid, wrap, *args, **options) -> None:
-    """An autotuned kernel's launch; options: launch options (`decode_kernels.launch_options`)."""
+    """An autotuned kernel's launch; options: more keyword arguments (`decode_kernels.launch_options`)."""
     if INTERPRETED:  # (the kernel's own pruning of its list first, as its autotuner does)
         configs, prune = kernel.configs, getattr(kernel, "early_config_prune", None)
         configs = prune(configs, dict(zip(kernel.arg_names, args))) if prune else configs
