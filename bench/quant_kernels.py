@@ -1,6 +1,6 @@
-"""The quantized products alone, at CogVLM's shapes: Triton int8 (`cogvlm.quantize.triton_mm`) and tinygemm
-(torch's int4 kernel) against bf16 cuBLAS, and at prefill sizes the Triton dequantization + cuBLAS, with the copy
-bandwidth measured in the same run.
+"""The quantized products alone, at CogVLM's shapes: Triton int8 (`cogvlm.quantize.triton_mm`), tinygemm (torch's
+int4 kernel) and, from two rows, the int4 product on tinygemm's words (`cogvlm.quantize.int4_rows`) against bf16
+cuBLAS, and at prefill sizes the Triton dequantization + cuBLAS, with the copy bandwidth measured in the same run.
 
     python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--json OUT]
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import copy_bandwidth  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.fusion import fused_kernels  # noqa: E402
-from cogvlm.quantize import triton_mm  # noqa: E402
+from cogvlm.quantize import int4_rows, triton_mm  # noqa: E402,F401  (registers cogvlm::int4_rows)
 from cogvlm.quantize.linear import dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
 
 
@@ -70,11 +70,13 @@ def candidates(w: torch.Tensor, group: int, rows: int):
                q4["weight"], q4["scales"], q4["zeros"], x.dtype)), n4, w4)}
     if rows <= triton_mm.MAX_ROWS:  # what the layers run at these sizes: the products, not a dequantized copy
         out = {k: v for k, v in out.items() if "GEMM" not in k}
-    if w.shape[0] % 16 == 0 and rows <= triton_mm.MAX_ROWS:  # (tinygemm is built for few rows)
+    if w.shape[0] % 16 == 0 and rows <= 1024:  # (tinygemm is built for few rows; the layers run it up to any size)
         tiles = next(t for t in (8, 4, 2) if w.shape[1] % (t * 16) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)
         sz = torch.stack([q4["scales"], q4["zeros"]], -1).transpose(0, 1).contiguous()
         out["int4 tinygemm"] = (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), n4, w4)
+        if rows > 1 and tiles == 8:  # the several-row product on the same words (what the layers run there)
+            out["int4 rows"] = (lambda x: torch.ops.cogvlm.int4_rows(x, packed, sz, group), n4, w4)
     return out
 
 

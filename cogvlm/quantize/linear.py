@@ -168,6 +168,16 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
     return None
 
 
+def _int4_rows_serve(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `cogvlm.quantize.int4_rows` can take the products of 2+ rows of a layer packed for tinygemm on t's
+    device: Triton there (`triton_kernels`) and torch's packing as that module reads it (checked once)."""
+    if triton_kernels(t, dtype) is None:
+        return False
+    from .int4_rows import layout_matches
+
+    return layout_matches(t.device)
+
+
 # ---------------------------------------------------------------------------------------------------- modules
 class QuantizedLinear(nn.Module):
     """What the int8 and int4 layers share: shapes, bias, the loader hook and the stored-format buffers.
@@ -269,6 +279,7 @@ class Int4Linear(QuantizedLinear):
         self.group_size = group_size
         super().__init__(in_features, out_features, bias, decode_path, device)
         self.kernel: str | None = None  # "cuda" / "cpu" once packed for that device's kernel
+        self.rows_kernel = False  # products of 2+ rows through `int4_rows` on tinygemm's words (CUDA, Triton)
 
     def stored_shapes(self):
         groups = (self.out_features, self.in_features // self.group_size)
@@ -292,6 +303,7 @@ class Int4Linear(QuantizedLinear):
         if kernel == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
+            self.rows_kernel = inner_k_tiles == 8 and _int4_rows_serve(self.weight, dtype)
         else:  # the CPU kernel takes one int32 code per element
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight).int(), 2)
         scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
@@ -304,7 +316,7 @@ class Int4Linear(QuantizedLinear):
     def _unpack(self) -> None:
         codes, scale_zeros = self._kernel_codes(), self.scale_zeros
         del self.packed, self.scale_zeros
-        self.kernel = None
+        self.kernel, self.rows_kernel = None, False
         self.register_buffer("weight", pack_nibbles(codes))
         self.register_buffer("scales", scale_zeros[..., 0].t().contiguous())
         self.register_buffer("zeros", scale_zeros[..., 1].t().contiguous())
@@ -334,6 +346,10 @@ class Int4Linear(QuantizedLinear):
             raise RuntimeError(f"this int4 layer is packed for the {self.kernel} kernel but its input is on "
                                f"{x.device}; call cogvlm.quantize.pack_model(model) after moving the model")
         flat = x.reshape(-1, self.in_features).contiguous()
+        if self.rows_kernel and flat.shape[0] > 1 and triton_kernels(flat, flat.dtype) is not None:
+            from .int4_rows import int4_rows  # (imported by `_int4_rows_serve` already)
+
+            return int4_rows(flat, self.packed, self.scale_zeros, self.group_size).view(*x.shape[:-1], -1)
         return self._kernel_mm(flat, self.scale_zeros).view(*x.shape[:-1], -1)
 
     def dequantize(self, dtype=None) -> torch.Tensor:

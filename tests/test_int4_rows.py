@@ -1,0 +1,92 @@
+"""`cogvlm.quantize.int4_rows`: tinygemm's int4 layout as read from torch's int4mm.cu, and the several-row product on
+it against the dequantized weight (Triton's CPU interpreter, fp16 as in test_triton_mm; on a GPU against tinygemm)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cogvlm.quantize.int4_rows import tinygemm_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _word(nibbles):
+    value = sum(v << (4 * p) for p, v in enumerate(nibbles))
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def test_the_layout_puts_codes_where_tinygemm_reads_them():
+    # int4mm.cu: channel 8j + r, tile t: thread 4r + a's word i holds the bytes 16i + a + {0, 4, 8, 12} of the
+    # tile's 64 (two codes each, the even input in the high nibble): their high nibbles in bits 0-15, then the low
+    N, K = 16, 256
+    k = torch.arange(K)
+    codes = ((k[None, :] + 3 * torch.arange(N)[:, None]) % 16).to(torch.uint8)  # code of (n, k): (k + 3n) % 16
+    words = tinygemm_layout(codes)
+    assert words.shape == (N // 8, K // 128, 32, 4) and words.dtype == torch.int32
+
+    def expect(n, t, a, i):
+        ks = [128 * t + 2 * (16 * i + a + 4 * j) for j in range(4)]
+        return _word([(kk + 3 * n) % 16 for kk in ks] + [(kk + 1 + 3 * n) % 16 for kk in ks])
+
+    for n, t, a, i in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 3, 2), (5, 0, 1, 3), (7, 1, 2, 0), (9, 1, 3, 3), (15, 0, 0, 0)]:
+        r = n % 8
+        assert words[n // 8, t, 4 * r + a, i].item() == expect(n, t, a, i), (n, t, a, i)
+
+
+def check_every_config() -> None:
+    from cogvlm.quantize import int4_rows as R
+    from cogvlm.quantize import triton_mm as T
+    from cogvlm.quantize.linear import dequantize_int4, quantize_int4, unpack_nibbles
+
+    assert T.INTERPRETED
+    torch.manual_seed(0)
+    N, K = 24, 256  # N not a multiple of the blocks: partial tiles
+    w = torch.randn(N, K) * 0.05
+    for G in (32, 64, 128, 256):
+        q = quantize_int4(w, G)
+        packed = tinygemm_layout(unpack_nibbles(q["weight"]))
+        scale_zeros = torch.stack([q["scales"], q["zeros"]], dim=-1).transpose(0, 1).contiguous().half()
+        want_w = dequantize_int4(q["weight"], q["scales"], q["zeros"], torch.float32)
+        for config in range(len(R._int4_rows.configs)):
+            T.interpreted_config = config
+            for rows in (2, 19):
+                x = torch.randn(rows, K).half()
+                y = R.launch_int4_rows(x, packed, scale_zeros, G)
+                want = F.linear(x.float(), want_w)
+                err = ((y.float() - want).norm() / want.norm()).item()
+                assert y.shape == (rows, N) and y.dtype == x.dtype
+                assert err < torch.finfo(x.dtype).eps, f"group {G} config {config} rows {rows}: error {err:.2e}"
+
+
+def test_the_several_row_product_matches_the_dequantized_weight_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", "import tests.test_int4_rows as t; t.check_every_config()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm's packing and kernel need a CUDA GPU")
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_on_the_gpu_torchs_packing_and_tinygemm_agree(group_size):
+    from cogvlm.quantize.int4_rows import int4_rows, layout_matches
+    from cogvlm.quantize.linear import Int4Linear
+
+    dev = torch.device("cuda")
+    assert layout_matches(dev)
+    linear = torch.nn.Linear(4096, 1024, bias=False).to(dev, torch.bfloat16)
+    layer = Int4Linear.from_linear(linear, decode_path=True, group_size=group_size)
+    layer.pack_for(dev, torch.bfloat16)
+    assert layer.kernel == "cuda" and layer.rows_kernel
+    codes = layer._kernel_codes()  # tinygemm's own reading of its words
+    assert torch.equal(tinygemm_layout(codes.cpu()), layer.packed.cpu())
+    for rows in (2, 8, 26, 64, 300):
+        x = torch.randn(rows, 4096, device=dev, dtype=torch.bfloat16)
+        ours = int4_rows(x, layer.packed, layer.scale_zeros, group_size).float()
+        theirs = layer._kernel_mm(x, layer.scale_zeros).float()
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2, rows
