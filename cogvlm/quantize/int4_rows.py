@@ -56,34 +56,52 @@ def layout_matches(device: torch.device) -> bool:
 if triton is not None:
     import triton.language as tl
 
-    from .triton_mm import _configs, _nibble_minus_8
+    from .triton_mm import _nibble_minus_8
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_M"), [
-        (64, 16, 4, 3), (128, 16, 4, 3), (128, 16, 8, 3), (32, 16, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3),
-        (128, 64, 8, 3), (128, 128, 8, 3)]), key=["M_BUCKET", "N", "K", "G"])
+    def _rows_configs(rows):
+        """(BLOCK_N, BLOCK_M, warps, stages, ONE_DOT) -> configs."""
+        return [triton.Config({"BLOCK_N": r[0], "BLOCK_M": r[1], "ONE_DOT": r[4]}, num_warps=r[2], num_stages=r[3])
+                for r in rows]
+
+    @triton.autotune(configs=_rows_configs([
+        (64, 16, 4, 3, False), (128, 16, 4, 3, False), (128, 16, 8, 3, False), (32, 16, 4, 3, False),
+        (64, 32, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
+        (64, 16, 4, 3, True), (128, 16, 8, 3, True), (64, 32, 4, 3, True), (128, 64, 8, 3, True),
+        (128, 128, 8, 3, True)]), key=["M_BUCKET", "N", "K", "G"])
     @triton.jit
     def _int4_rows(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, G: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ONE_DOT: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # programs with the same weight tile run together
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
-        w = tl.arange(0, 16)  # a channel's 16 words of a tile; word 4a + i
+        first_word = (rn // 8) * (K // 128) * 128 + (rn % 8) * 16  # channel rn's 16 words in tile 0
+        w = tl.arange(0, 16)  # word w = 4a + i
         a, i = w // 4, w % 4
-        first_word = (rn // 8) * (K // 128) * 128 + (rn % 8) * 16  # channel rn's words in tile 0
+        c = tl.arange(0, 128)  # ONE_DOT: the tile's codes in word order, nibble p of word w is code 8w + p
+        cw, cp = c // 8, c % 8
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
         for t in range(0, K // 128):
             words = tl.load(w_ptr + first_word[:, None] + t * 128 + w[None, :], mask=n_ok[:, None], other=0)
             if G >= 128:  # one group for the whole tile
                 sz = sz_ptr + ((t * 128 // G) * N + rn[:, None]) * 2
-            else:  # word 4a + i holds inputs 32i..32i+31 of the tile
+            elif ONE_DOT:  # word 4a + i holds inputs 32i..32i+31 of the tile
+                sz = sz_ptr + (((t * 128 + 32 * (cw[None, :] % 4)) // G) * N + rn[:, None]) * 2
+            else:
                 sz = sz_ptr + (((t * 128 + 32 * i[None, :]) // G) * N + rn[:, None]) * 2
             s = tl.load(sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
             z = tl.load(sz + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            for p in tl.static_range(8):  # nibble p of every word: 16 inputs, each against its x column
-                wt = (_nibble_minus_8(words, 4 * p) * s + z).to(x_ptr.dtype.element_ty)  # (BLOCK_N, 16)
-                k = t * 128 + 32 * i + 2 * a + 8 * (p % 4) + p // 4
-                xt = tl.load(x_ptr + rm[None, :] * K + k[:, None], mask=m_ok[None, :], other=0.0)  # (16, BLOCK_M)
+            if ONE_DOT:  # the 128 codes side by side, one product
+                codes = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, 16, 8)), (BLOCK_N, 128))
+                wt = (_nibble_minus_8(codes, 4 * cp[None, :]) * s + z).to(x_ptr.dtype.element_ty)
+                k = t * 128 + 32 * (cw % 4) + 2 * (cw // 4) + 8 * (cp % 4) + cp // 4
+                xt = tl.load(x_ptr + rm[None, :] * K + k[:, None], mask=m_ok[None, :], other=0.0)  # (128, BLOCK_M)
                 acc = tl.dot(wt, xt, acc)
+            else:
+                for p in tl.static_range(8):  # nibble p of every word: 16 inputs, each against its x column
+                    wt = (_nibble_minus_8(words, 4 * p) * s + z).to(x_ptr.dtype.element_ty)  # (BLOCK_N, 16)
+                    k = t * 128 + 32 * i + 2 * a + 8 * (p % 4) + p // 4
+                    xt = tl.load(x_ptr + rm[None, :] * K + k[:, None], mask=m_ok[None, :], other=0.0)
+                    acc = tl.dot(wt, xt, acc)
         tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[None, :] & n_ok[:, None])
 
