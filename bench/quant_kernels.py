@@ -1,5 +1,5 @@
 """The quantized products alone, at CogVLM's shapes: Triton int8 (`cogvlm.quantize.triton_mm`), tinygemm (torch's
-int4 kernel) and, from two rows, the int4 product on tinygemm's words (`cogvlm.quantize.int4_rows`) against bf16
+int4 kernel) and, from two rows, tinygemm's words dequantized + cuBLAS (`cogvlm.quantize.tinygemm`) against bf16
 cuBLAS, and at prefill sizes the Triton dequantization + cuBLAS, with the copy bandwidth measured in the same run.
 
     python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--json OUT]
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import copy_bandwidth  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.fusion import fused_kernels  # noqa: E402
-from cogvlm.quantize import int4_rows, triton_mm  # noqa: E402,F401  (registers cogvlm::int4_rows)
+from cogvlm.quantize import tinygemm, triton_mm  # noqa: E402,F401  (tinygemm registers its op)
 from cogvlm.quantize.linear import dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
 
 
@@ -75,8 +75,9 @@ def candidates(w: torch.Tensor, group: int, rows: int):
         packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)
         sz = torch.stack([q4["scales"], q4["zeros"]], -1).transpose(0, 1).contiguous()
         out["int4 tinygemm"] = (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), n4, w4)
-        if rows > 1 and tiles == 8:  # the several-row product on the same words (what the layers run there)
-            out["int4 rows"] = (lambda x: torch.ops.cogvlm.int4_rows(x, packed, sz, group), n4, w4)
+        if rows > 1 and tiles == 8:  # the same words dequantized, then cuBLAS (the layers' path beyond 16 rows)
+            out["int4 words+GEMM"] = (lambda x: F.linear(x, torch.ops.cogvlm.tinygemm_dequantize(
+                packed, sz, group, x.dtype)), n4, w4)
     return out
 
 

@@ -28,7 +28,8 @@ Kernels are chosen once the weights sit on their device (`pack_for`), so one fil
   for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
   1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
-  built for few rows: at prefill sizes (about 1200 rows) it is several times slower than a bf16 GEMM, so the
+  built for few rows (0.23-0.32x bf16 at a prompt's 26 text rows): beyond `Int4Linear.ROWS_TINYGEMM` rows a CUDA
+  layer dequantizes tinygemm's words into a temporary weight (`cogvlm.quantize.tinygemm`) for cuBLAS. The
   layers only prefill runs (the vision expert, which only image positions use, the adapter and the ViT) keep the
   plain layout and dequantize into a temporary weight (`triton_mm`'s kernel on CUDA, else one compiled kernel)
   for an ordinary GEMM. On the CPU in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the
@@ -168,12 +169,12 @@ def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> 
     return None
 
 
-def _int4_rows_serve(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether `cogvlm.quantize.int4_rows` can take the products of 2+ rows of a layer packed for tinygemm on t's
-    device: Triton there (`triton_kernels`) and torch's packing as that module reads it (checked once)."""
+def _tinygemm_words_readable(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `cogvlm.quantize.tinygemm` can dequantize the words of a layer packed for tinygemm on t's device:
+    Triton there (`triton_kernels`) and torch's packing as that module reads it (checked once)."""
     if triton_kernels(t, dtype) is None:
         return False
-    from .int4_rows import layout_matches
+    from .tinygemm import layout_matches
 
     return layout_matches(t.device)
 
@@ -273,13 +274,16 @@ class Int4Linear(QuantizedLinear):
     `scale_zeros` (in/group, out, 2), which replace the stored buffers (same bytes, never both at once)."""
 
     mode = "int4"
+    # Beyond this many rows a layer packed for tinygemm dequantizes its words and runs cuBLAS (H200: tinygemm
+    # 0.7-0.9x bf16 at 8 rows, 0.23-0.32x at 26, where the dequantized product is about 0.5x; bench/quant_kernels.py)
+    ROWS_TINYGEMM = 16
 
     def __init__(self, in_features, out_features, bias, decode_path, device=None, group_size: int = 128):
         check_group_size(group_size, in_features, f"a {in_features}->{out_features} linear layer")
         self.group_size = group_size
         super().__init__(in_features, out_features, bias, decode_path, device)
         self.kernel: str | None = None  # "cuda" / "cpu" once packed for that device's kernel
-        self.rows_kernel = False  # products of 2+ rows through `int4_rows` on tinygemm's words (CUDA, Triton)
+        self.words_readable = False  # tinygemm's words can be dequantized by `cogvlm.quantize.tinygemm` (CUDA)
 
     def stored_shapes(self):
         groups = (self.out_features, self.in_features // self.group_size)
@@ -303,7 +307,7 @@ class Int4Linear(QuantizedLinear):
         if kernel == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
-            self.rows_kernel = inner_k_tiles == 8 and _int4_rows_serve(self.weight, dtype)
+            self.words_readable = inner_k_tiles == 8 and _tinygemm_words_readable(self.weight, dtype)
         else:  # the CPU kernel takes one int32 code per element
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight).int(), 2)
         scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
@@ -316,7 +320,7 @@ class Int4Linear(QuantizedLinear):
     def _unpack(self) -> None:
         codes, scale_zeros = self._kernel_codes(), self.scale_zeros
         del self.packed, self.scale_zeros
-        self.kernel, self.rows_kernel = None, False
+        self.kernel, self.words_readable = None, False
         self.register_buffer("weight", pack_nibbles(codes))
         self.register_buffer("scales", scale_zeros[..., 0].t().contiguous())
         self.register_buffer("zeros", scale_zeros[..., 1].t().contiguous())
@@ -346,11 +350,14 @@ class Int4Linear(QuantizedLinear):
             raise RuntimeError(f"this int4 layer is packed for the {self.kernel} kernel but its input is on "
                                f"{x.device}; call cogvlm.quantize.pack_model(model) after moving the model")
         flat = x.reshape(-1, self.in_features).contiguous()
-        if self.rows_kernel and flat.shape[0] > 1 and triton_kernels(flat, flat.dtype) is not None:
-            from .int4_rows import int4_rows  # (imported by `_int4_rows_serve` already)
-
-            return int4_rows(flat, self.packed, self.scale_zeros, self.group_size).view(*x.shape[:-1], -1)
+        if flat.shape[0] > self.ROWS_TINYGEMM and self.words_readable:
+            return F.linear(flat, self._words_dequantized(flat.dtype)).view(*x.shape[:-1], -1)
         return self._kernel_mm(flat, self.scale_zeros).view(*x.shape[:-1], -1)
+
+    def _words_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        from . import tinygemm  # (imported by `_tinygemm_words_readable` already)
+
+        return tinygemm.dequantize(self.packed, self.scale_zeros, self.group_size, dtype)
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         if self.kernel is None:
@@ -361,6 +368,8 @@ class Int4Linear(QuantizedLinear):
             with fused_kernels():  # one kernel on CUDA
                 return dequantize_int4(self.weight, self.scales, self.zeros, dtype)
         sz = self.scale_zeros
+        if self.words_readable:
+            return self._words_dequantized(dtype or sz.dtype)
         return dequantize_int4(pack_nibbles(self._kernel_codes()), sz[..., 0].t(), sz[..., 1].t(), dtype or sz.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
