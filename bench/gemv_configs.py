@@ -26,16 +26,11 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.quantize import triton_mm  # noqa: E402
 from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 
-# candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS[, AHEAD]]); see decode_kernels._configs
+# candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); see decode_kernels._configs
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
          (4, 2048, 2, 1, True), (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True),
          (16, 1024, 8, 1, True), (4, 1024, 2, 1, True), (16, 512, 4, 1, True), (8, 512, 4, 1, True),
-         (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 1024, 4, 1, True),
-         # AHEAD: the next tile asked for before the arithmetic (bf16 / int8 bytes, then int8 words)
-         (8, 1024, 4, 1, False, True), (16, 512, 4, 1, False, True), (4, 512, 2, 1, False, True),
-         (16, 1024, 8, 1, False, True), (32, 256, 4, 1, False, True), (8, 512, 4, 1, False, True),
-         (8, 2048, 4, 1, True, True), (8, 1024, 4, 1, True, True), (16, 1024, 8, 1, True, True),
-         (4, 2048, 4, 1, True, True), (4, 1024, 2, 1, True, True), (16, 512, 4, 1, True, True)]
+         (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 1024, 4, 1, True)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
@@ -48,8 +43,7 @@ def configs(dtype: str, k: int):
 
 def describe(c) -> str:
     words = " words" if c.kwargs["WORDS"] else ""
-    ahead = " ahead" if c.kwargs.get("AHEAD") else ""
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}{ahead}"
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}"
 
 
 def cases(cfg, dtype: str):

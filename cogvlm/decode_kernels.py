@@ -43,10 +43,8 @@ if triton is not None:
     from .quantize.triton_mm import _byte_to_f32, _int8_to_f32, launch
 
     def _configs(rows):
-        """(BLOCK_N, BLOCK_K, warps, stages[, WORDS[, AHEAD]]) -> configs; WORDS: int8 codes read as int32 words of
-        four; AHEAD: each step asks for the next weight tile before its arithmetic, not after."""
-        return [triton.Config({"BLOCK_N": r[0], "BLOCK_K": r[1], "WORDS": len(r) > 4 and r[4],
-                               "AHEAD": len(r) > 5 and r[5]}, num_warps=r[2],
+        """(BLOCK_N, BLOCK_K, warps, stages[, WORDS]) -> configs; WORDS: int8 codes read as int32 words of four."""
+        return [triton.Config({"BLOCK_N": r[0], "BLOCK_K": r[1], "WORDS": len(r) > 4 and r[4]}, num_warps=r[2],
                               num_stages=r[3]) for r in rows]
 
     def _prune(configs, named_args, **kwargs):
@@ -89,7 +87,7 @@ if triton is not None:
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
               RESIDUAL: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, WORDS: tl.constexpr, AHEAD: tl.constexpr):
+              BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         # The weights do not depend on the previous kernel: the first tile is read before waiting for it (with PDL,
@@ -102,8 +100,6 @@ if triton is not None:
             acc_up = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
             squares = tl.zeros((KW,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                if AHEAD:
-                    w_next, u_next = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, True, BLOCK_K)
                 j = k0 // 4 + tl.arange(0, KW)
                 j_ok = j < K // 4
                 for b in tl.static_range(4):
@@ -114,17 +110,12 @@ if triton is not None:
                     acc += _byte_to_f32(w, 8 * b) * x[None, :]
                     if GATE:
                         acc_up += _byte_to_f32(u, 8 * b) * x[None, :]
-                if AHEAD:
-                    w, u = w_next, u_next
-                else:
-                    w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, True, BLOCK_K)
+                w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, True, BLOCK_K)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                if AHEAD:
-                    w_next, u_next = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, False, BLOCK_K)
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = rk < K
                 x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
@@ -134,10 +125,7 @@ if triton is not None:
                 acc += (_int8_to_f32(w) if INT8 else w.to(tl.float32)) * x[None, :]
                 if GATE:
                     acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
-                if AHEAD:
-                    w, u = w_next, u_next
-                else:
-                    w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, False, BLOCK_K)
+                w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, False, BLOCK_K)
         y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
