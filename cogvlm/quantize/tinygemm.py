@@ -63,23 +63,20 @@ if triton is not None:
     from .triton_mm import _nibble_minus_8
 
     @triton.jit
-    def _dequantize(w_ptr, sz_ptr, out_ptr, N, K, G: tl.constexpr, TILES: tl.constexpr):
-        """Row n, tiles of 128 inputs per program, in the output's order: each code's word and nibble by the layout."""
+    def _dequantize(w_ptr, sz_ptr, out_ptr, N, K, G: tl.constexpr, BLOCK: tl.constexpr):
+        """Row n, inputs k of the weight per program, in the output's order: each code's word and nibble by the layout."""
         n = tl.program_id(0)
-        t = tl.program_id(1) * TILES + tl.arange(0, TILES)[:, None]  # (TILES, 1)
-        kk = tl.arange(0, 128)[None, :]  # (1, 128)
-        ok = t < K // 128
+        k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = k < K
+        t, kk = k // 128, k % 128
         rest = (kk % 32) // 2  # = a + 4 (p % 4)
         word = ((n // 8) * (K // 128) + t) * 128 + (n % 8) * 16 + 4 * (rest % 4) + kk // 32
         words = tl.load(w_ptr + word, mask=ok, other=0)
-        if G >= 128:  # one scale and zero a tile: loaded once
-            sz = sz_ptr + ((t * 128 // G) * N + n) * 2
-        else:
-            sz = sz_ptr + (((t * 128 + kk) // G) * N + n) * 2
+        sz = sz_ptr + ((k // G) * N + n) * 2
         s = tl.load(sz, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(sz + 1, mask=ok, other=0.0).to(tl.float32)
         w = _nibble_minus_8(words, 4 * (4 * (kk % 2) + rest // 4)) * s + z
-        tl.store(out_ptr + n.to(tl.int64) * K + t * 128 + kk, w.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + n.to(tl.int64) * K + k, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def launch_dequantize(packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
@@ -87,7 +84,7 @@ def launch_dequantize(packed: torch.Tensor, scale_zeros: torch.Tensor, group_siz
     """The (N, K) weight in `dtype` from tinygemm's words and its (K / G, N, 2) scales and zeros."""
     N, K = scale_zeros.shape[1], scale_zeros.shape[0] * group_size
     out = torch.empty(N, K, dtype=dtype, device=packed.device)
-    wrap(_dequantize)[(N, triton.cdiv(K // 128, 8))](packed, scale_zeros, out, N, K, group_size, TILES=8)
+    wrap(_dequantize)[(N, triton.cdiv(K, 1024))](packed, scale_zeros, out, N, K, group_size, BLOCK=1024)
     return out
 
 
