@@ -274,9 +274,11 @@ class Int4Linear(QuantizedLinear):
     `scale_zeros` (in/group, out, 2), which replace the stored buffers (same bytes, never both at once)."""
 
     mode = "int4"
-    # Beyond this many rows a layer packed for tinygemm dequantizes its words and runs cuBLAS (H200: tinygemm
-    # 0.7-0.9x bf16 at 8 rows, 0.23-0.32x at 26, where the dequantized product is about 0.5x; bench/quant_kernels.py)
-    ROWS_TINYGEMM = 16
+    # Beyond this many rows a layer packed for tinygemm dequantizes its words and runs cuBLAS. On an H200
+    # (bench/quant_kernels.py, docs/quantize.md) tinygemm ran at 0.42-0.55x bf16 at 16 rows against 0.31-0.36x
+    # dequantized, at 26 rows at 0.25-0.32x against 0.31-0.35x, and at 256 / 832 rows at 0.04-0.05x against
+    # 0.41-0.45x / 0.69-0.71x.
+    ROWS_TINYGEMM = 24
 
     def __init__(self, in_features, out_features, bias, decode_path, device=None, group_size: int = 128):
         check_group_size(group_size, in_features, f"a {in_features}->{out_features} linear layer")

@@ -3,10 +3,11 @@ many rows, so one copy of the weight serves every row count.
 
 The int4 decode layers are packed for tinygemm (`aten._weight_int4pack_mm`), the fastest one-row int4 product here
 (1.5-2.0x bf16 on an H200). But tinygemm is built for one row: measured on an H200 (bench/quant_kernels.py,
-docs/quantize.md) it runs at 0.7-0.9x bf16 at 8 rows, 0.23-0.32x at the prompt's 26 text rows and 0.04x at the 832
-text rows of a caption batch of 32. For more rows (`Int4Linear.ROWS_DEQUANTIZED`) the layer instead writes its
-weight in the compute dtype from the packed words (`dequantize(packed, scale_zeros, group_size, dtype)`, one pass,
-`(code - 8) * scale + zero` in fp32 rounded once, as `dequantize_int4`) and runs cuBLAS on it.
+docs/quantize.md) it runs at 0.7-0.9x bf16 at 8 rows, 0.25-0.32x at a prompt's 26 text rows and 0.04x at the 832
+text rows of a caption batch of 32. Beyond `Int4Linear.ROWS_TINYGEMM` rows the layer instead writes its weight in
+the compute dtype from the packed words (`dequantize(packed, scale_zeros, group_size, dtype)`, one pass,
+`(code - 8) * scale + zero` in fp32 rounded once, as `dequantize_int4`) and runs cuBLAS on it: 0.31-0.35x bf16 at 26
+rows, 0.41-0.45x at 256, 0.69-0.71x at 832.
 
 tinygemm's layout (`aten._convert_weight_to_int4pack` on CUDA with 8 inner k-tiles, as `Int4Linear` packs it;
 read from torch's int4mm.cu): int32 words of shape (N / 8, K / 128, 32, 4). The tile of channel block j and input
@@ -19,9 +20,10 @@ and nibble p (bits 4p..4p+3) of its word w = 4a + i holds input
 from codes with torch ops; on a GPU `layout_matches` checks torch's own packing against it once, and the layers
 keep tinygemm for every row count if a torch build ever packs differently.
 
-(A several-row product on these words in Triton, `tl.dot` on codes converted in registers against x gathered in the
-layout's order, was tried first and dropped: 0.2-0.75x bf16 at 2-64 rows, slower than tinygemm up to ~26 rows and
-than dequantizing + cuBLAS beyond.)
+Tried on the H200 and dropped: a several-row product on these words in Triton (`tl.dot` on codes converted in
+registers against x gathered in the layout's order), 0.2-0.75x bf16 at 2-64 rows, slower than tinygemm up to ~26
+rows and than dequantizing beyond; and this dequantization in programs of 8 tiles with one scale load a tile,
+slower (qkv 84 against 58 us).
 """
 from __future__ import annotations
 
