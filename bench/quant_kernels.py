@@ -75,7 +75,7 @@ def candidates(w: torch.Tensor, group: int, rows: int):
         packed = torch.ops.aten._convert_weight_to_int4pack(q4["weight"].contiguous(), tiles)
         sz = torch.stack([q4["scales"], q4["zeros"]], -1).transpose(0, 1).contiguous()
         out["int4 tinygemm"] = (lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), n4, w4)
-        if rows > 1 and tiles == 8:  # the same words dequantized, then cuBLAS (the layers' path beyond 16 rows)
+        if rows > 1 and tiles == 8:  # the same words dequantized, then cuBLAS (the layers' path from 25 rows)
             out["int4 words+GEMM"] = (lambda x: F.linear(x, torch.ops.cogvlm.tinygemm_dequantize(
                 packed, sz, group, x.dtype)), n4, w4)
     return out

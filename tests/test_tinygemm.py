@@ -34,7 +34,8 @@ def test_the_layout_puts_codes_where_tinygemm_reads_them():
         ks = [128 * t + 2 * (16 * i + a + 4 * j) for j in range(4)]
         return _word([(kk + 3 * n) % 16 for kk in ks] + [(kk + 1 + 3 * n) % 16 for kk in ks])
 
-    for n, t, a, i in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 3, 2), (5, 0, 1, 3), (7, 1, 2, 0), (9, 1, 3, 3), (15, 0, 0, 0)]:
+    cases = [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 3, 2), (5, 0, 1, 3), (7, 1, 2, 0), (9, 1, 3, 3), (15, 0, 0, 0)]
+    for n, t, a, i in cases:
         r = n % 8
         assert words[n // 8, t, 4 * r + a, i].item() == expect(n, t, a, i), (n, t, a, i)
 

@@ -28,7 +28,7 @@ Kernels are chosen once the weights sit on their device (`pack_for`), so one fil
   for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
   1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
-  built for few rows (0.23-0.32x bf16 at a prompt's 26 text rows): beyond `Int4Linear.ROWS_TINYGEMM` rows a CUDA
+  built for few rows (0.25-0.32x bf16 at a prompt's 26 text rows): beyond `Int4Linear.ROWS_TINYGEMM` rows a CUDA
   layer dequantizes tinygemm's words into a temporary weight (`cogvlm.quantize.tinygemm`) for cuBLAS. The
   layers only prefill runs (the vision expert, which only image positions use, the adapter and the ViT) keep the
   plain layout and dequantize into a temporary weight (`triton_mm`'s kernel on CUDA, else one compiled kernel)

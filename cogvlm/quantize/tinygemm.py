@@ -66,7 +66,7 @@ if triton is not None:
 
     @triton.jit
     def _dequantize(w_ptr, sz_ptr, out_ptr, N, K, G: tl.constexpr, BLOCK: tl.constexpr):
-        """Row n, inputs k of the weight per program, in the output's order: each code's word and nibble by the layout."""
+        """Row n, a block of inputs k per program, in the output's order: each code's word and nibble by the layout."""
         n = tl.program_id(0)
         k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = k < K
