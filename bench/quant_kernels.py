@@ -2,15 +2,18 @@
 int4 kernel) and, from two rows, tinygemm's words dequantized + cuBLAS (`cogvlm.quantize.tinygemm`) against bf16
 cuBLAS, and at prefill sizes the Triton dequantization + cuBLAS, with the copy bandwidth measured in the same run.
 
-    python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--json OUT]
+    python bench/quant_kernels.py [--preset cogvlm-chat-hf] [--rows 1 8 32 28 64] [--copies C] [--json OUT]
 
-Each product is timed inside a CUDA graph of 20 launches (as the decode step replays them), after its autotuning.
+Each product is timed inside a CUDA graph of 20 launches (as the decode step replays them), after its autotuning;
+with --copies C the launches cycle through C weights (give enough that they outgrow the 50 MB L2, as a decode step's
+32 layers do; with one, a weight that fits L2 is read from it on every launch after the first).
 GB/s counts the bytes of the weight in its own format (bf16: 2 per value, int8: 1 + scales, int4: 1/2 + groups);
 the speedup is against bf16 at the same shape and rows. Each result is checked against the dequantized weight.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import copy_bandwidth  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.fusion import fused_kernels  # noqa: E402
-from cogvlm.quantize import tinygemm, triton_mm  # noqa: E402,F401  (tinygemm registers its op)
+from cogvlm.quantize import int4_rows, tinygemm, triton_mm  # noqa: E402,F401  (they register their ops)
 from cogvlm.quantize.linear import dequantize_int4, quantize_int4, quantize_int8  # noqa: E402
 
 
@@ -78,6 +81,8 @@ def candidates(w: torch.Tensor, group: int, rows: int):
         if rows > 1 and tiles == 8:  # the same words dequantized, then cuBLAS (the layers' path from 25 rows)
             out["int4 words+GEMM"] = (lambda x: F.linear(x, torch.ops.cogvlm.tinygemm_dequantize(
                 packed, sz, group, x.dtype)), n4, w4)
+        if rows > 1 and tiles == 8 and rows <= 64 and int4_rows.supported(group, w.dtype):
+            out["int4 rows"] = (lambda x: torch.ops.cogvlm.int4_rows(x, packed, sz, group), n4, w4)
     return out
 
 
@@ -117,6 +122,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 1226])
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--copies", type=int, default=1, help="weights each product cycles through (past L2)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model-check", action="store_true", help="first: a 2-layer full-width model's logits with "
                     "the Triton kernels against torch's ops (COGVLM_TRITON=0)")
@@ -127,14 +133,17 @@ def main() -> None:
     bw = copy_bandwidth() / 1e9
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {bw:.0f} GB/s", flush=True)
     results = []
+    print(f"weights cycled per product: {args.copies}", flush=True)
     for name, K, N in shapes(cfg):
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.copies)]
         for rows in args.rows:
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             base = None
-            for kind, (fn, nbytes, ref) in candidates(w, args.group_size, rows).items():
+            sets = [candidates(w, args.group_size, rows) for w in weights]
+            for kind, (fn, nbytes, ref) in sets[0].items():
+                fns, turn = [c[kind][0] for c in sets], itertools.count()
                 with fused_kernels():  # the dequantization compiled, as in a decode step or compiled layers
-                    s = graph_time(lambda: fn(x))
+                    s = graph_time(lambda: fns[next(turn) % len(fns)](x))
                 y, want = fn(x).float(), F.linear(x.float(), ref.float())
                 err = ((y - want).norm() / want.norm()).item()
                 base = base or s
