@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 1226])
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--shapes", nargs="+", help="only these shapes (qkv, dense, gate_up, down, 'ViT fc1', ...)")
     ap.add_argument("--copies", type=int, default=1, help="weights each product cycles through (past L2)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model-check", action="store_true", help="first: a 2-layer full-width model's logits with "
@@ -134,7 +135,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: copy {bw:.0f} GB/s", flush=True)
     results = []
     print(f"weights cycled per product: {args.copies}", flush=True)
-    for name, K, N in shapes(cfg):
+    for name, K, N in [s for s in shapes(cfg) if not args.shapes or s[0] in args.shapes]:
         weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.copies)]
         for rows in args.rows:
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)

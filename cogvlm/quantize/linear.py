@@ -279,6 +279,9 @@ class Int4Linear(QuantizedLinear):
     # dequantized, at 26 rows at 0.25-0.32x against 0.31-0.35x, and at 256 / 832 rows at 0.04-0.05x against
     # 0.41-0.45x / 0.69-0.71x.
     ROWS_TINYGEMM = 24
+    # Rows (inclusive) that `cogvlm.quantize.int4_rows` multiplies straight from tinygemm's words (groups of 128 or
+    # 256 inputs, bf16), where it is faster than both of the above.
+    ROWS_OWN = (2, 64)
 
     def __init__(self, in_features, out_features, bias, decode_path, device=None, group_size: int = 128):
         check_group_size(group_size, in_features, f"a {in_features}->{out_features} linear layer")
@@ -286,6 +289,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, decode_path, device)
         self.kernel: str | None = None  # "cuda" / "cpu" once packed for that device's kernel
         self.words_readable = False  # tinygemm's words can be dequantized by `cogvlm.quantize.tinygemm` (CUDA)
+        self.rows_kernel = False  # ... and multiplied by `cogvlm.quantize.int4_rows`
 
     def stored_shapes(self):
         groups = (self.out_features, self.in_features // self.group_size)
@@ -322,7 +326,7 @@ class Int4Linear(QuantizedLinear):
     def _unpack(self) -> None:
         codes, scale_zeros = self._kernel_codes(), self.scale_zeros
         del self.packed, self.scale_zeros
-        self.kernel, self.words_readable = None, False
+        self.kernel, self.words_readable, self.rows_kernel = None, False, False
         self.register_buffer("weight", pack_nibbles(codes))
         self.register_buffer("scales", scale_zeros[..., 0].t().contiguous())
         self.register_buffer("zeros", scale_zeros[..., 1].t().contiguous())
@@ -352,7 +356,12 @@ class Int4Linear(QuantizedLinear):
             raise RuntimeError(f"this int4 layer is packed for the {self.kernel} kernel but its input is on "
                                f"{x.device}; call cogvlm.quantize.pack_model(model) after moving the model")
         flat = x.reshape(-1, self.in_features).contiguous()
-        if flat.shape[0] > self.ROWS_TINYGEMM and self.words_readable:
+        rows = flat.shape[0]
+        if self.rows_kernel and self.ROWS_OWN[0] <= rows <= self.ROWS_OWN[1]:
+            from . import int4_rows  # (imported by `_pack` already)
+
+            return int4_rows.int4_rows(flat, self.packed, self.scale_zeros, self.group_size).view(*x.shape[:-1], -1)
+        if rows > self.ROWS_TINYGEMM and self.words_readable:
             return F.linear(flat, self._words_dequantized(flat.dtype)).view(*x.shape[:-1], -1)
         return self._kernel_mm(flat, self.scale_zeros).view(*x.shape[:-1], -1)
 
