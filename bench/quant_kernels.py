@@ -81,7 +81,7 @@ def candidates(w: torch.Tensor, group: int, rows: int):
         if rows > 1 and tiles == 8:  # the same words dequantized, then cuBLAS (the layers' path from 25 rows)
             out["int4 words+GEMM"] = (lambda x: F.linear(x, torch.ops.cogvlm.tinygemm_dequantize(
                 packed, sz, group, x.dtype)), n4, w4)
-        if rows > 1 and tiles == 8 and rows <= 64 and int4_rows.supported(group, w.dtype):
+        if tiles == 8 and rows <= 64 and int4_rows.supported(group, w.dtype):
             out["int4 rows"] = (lambda x: torch.ops.cogvlm.int4_rows(x, packed, sz, group), n4, w4)
     return out
 
