@@ -83,6 +83,7 @@ def candidates(w: torch.Tensor, group: int, rows: int):
                 packed, sz, group, x.dtype)), n4, w4)
         if tiles == 8 and rows <= 64 and int4_rows.supported(group, w.dtype):
             out["int4 rows"] = (lambda x: torch.ops.cogvlm.int4_rows(x, packed, sz, group), n4, w4)
+            out["int4 rows atomic"] = (lambda x: int4_rows.launch_int4_rows(x, packed, sz, group, last=False), n4, w4)
     return out
 
 

@@ -32,10 +32,11 @@ def check_products() -> None:
         assert configs
         for i in range(len(configs)):
             triton_mm.interpreted_config = i
-            got = int4_rows.launch_int4_rows(x, packed, scale_zeros, G)
-            assert got.shape == (M, N) and got.dtype == torch.float16
-            err = ((got.float() - want).norm() / want.norm()).item()
-            assert err < 1e-3, (N, K, M, G, configs[i], err)  # fp16 rounding of the output: ~2e-4
+            for last in (True, False):  # the K shares summed by the last to finish, or added atomically
+                got = int4_rows.launch_int4_rows(x, packed, scale_zeros, G, last=last)
+                assert got.shape == (M, N) and got.dtype == torch.float16
+                err = ((got.float() - want).norm() / want.norm()).item()
+                assert err < 1e-3, (N, K, M, G, configs[i], last, err)  # fp16 rounding of the output: ~2e-4
 
 
 def test_products_in_the_interpreter():

@@ -29,6 +29,7 @@ from .triton_mm import launch, triton
 K_TILE = 128  # inputs per tile of tinygemm's layout
 # dtype -> (bits, value): the bits `bits | c` are the number value + c for codes 0 <= c < 16. The layers compute in
 # bf16 (tinygemm's dtype); fp16 is there for Triton's CPU interpreter, whose bf16 `tl.dot` is wrong (Triton 3.9).
+SPLIT_MAX, BLOCK_N_MIN = 8, 32  # over the configurations below
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
@@ -57,11 +58,11 @@ if triton is not None:
         (128, 32, 4, 8, 3, True), (64, 32, 8, 4, 3, True), (128, 64, 2, 8, 3, True), (64, 64, 4, 4, 3, True),
         (128, 64, 4, 8, 3, True), (64, 16, 4, 4, 3, False), (128, 16, 4, 4, 3, False), (64, 32, 4, 4, 3, False),
         (128, 32, 4, 8, 3, False), (128, 64, 2, 8, 3, False), (128, 16, 1, 4, 3, True), (128, 64, 1, 8, 3, True)]),
-        key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr"])
+        key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["y_ptr", "cnt_ptr"])
     @triton.jit
-    def _int4_rows(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, M_BUCKET, G: tl.constexpr, MAGIC: tl.constexpr,
-                   OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                   ONE_DOT: tl.constexpr):
+    def _int4_rows(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET, G: tl.constexpr, MAGIC: tl.constexpr,
+                   OFFSET: tl.constexpr, LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr, ONE_DOT: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # programs of the same channels run together
         rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
@@ -95,20 +96,41 @@ if triton is not None:
             s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
             z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
             acc += part * s[:, None] + (z - (OFFSET + 8.0) * s)[:, None] * x_sum[None, :]
-        out = y_ptr + rm[None, :] * N + rn[:, None]
-        tl.atomic_add(out, acc, mask=m_ok[None, :] & n_ok[:, None], sem="relaxed")
+        out, ok = rm[None, :] * N + rn[:, None], m_ok[None, :] & n_ok[:, None]
+        if not LAST:  # every share added into the fp32 output
+            tl.atomic_add(y_ptr + out, acc, mask=ok, sem="relaxed")
+        elif SPLIT_K == 1:
+            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        else:  # each share to the workspace; the last of a tile's shares to arrive sums them, in order
+            tl.store(ws_ptr + tl.program_id(1) * M * N + out, acc, mask=ok)
+            tl.debug_barrier()  # (every thread's stores issued before the count that publishes them)
+            tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for share in range(SPLIT_K):
+                    total += tl.load(ws_ptr + share * M * N + out, mask=ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call
 
 
 def launch_int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
-                     wrap=lambda k: k) -> torch.Tensor:
-    """(M, K) @ the packed (N, K) weight .T -> (M, N) in x's dtype (bf16 or fp16); `scale_zeros` (K / G, N, 2) as tinygemm takes it."""
+                     wrap=lambda k: k, last: bool = True) -> torch.Tensor:
+    """(M, K) @ the packed (N, K) weight .T -> (M, N) in x's dtype (bf16 or fp16); `scale_zeros` (K / G, N, 2) as
+    tinygemm takes it. last: the K shares summed by the last to finish (else added atomically in fp32, then cast)."""
     (M, K), N = x.shape, scale_zeros.shape[1]
-    y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    if last:
+        y = x.new_empty(M, N)
+        ws = torch.empty(SPLIT_MAX * M * N, dtype=torch.float32, device=x.device)
+        cnt = torch.zeros(triton.cdiv(N, BLOCK_N_MIN) * triton.cdiv(M, 16), dtype=torch.int32, device=x.device)
+    else:
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+        ws = cnt = y  # (not read)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"], triton.cdiv(M, c["BLOCK_M"]))  # noqa: E731
     bucket = next(b for b in (2, 4, 8, 16, 32, 64) if M <= b or b == 64)  # (comparisons only: M may be symbolic)
     magic, offset = MAGIC[x.dtype]
-    launch(_int4_rows, grid, wrap, x, packed, scale_zeros, y, M, N, K, bucket, group_size, magic, offset)
-    return y.to(x.dtype)
+    launch(_int4_rows, grid, wrap, x, packed, scale_zeros, y, ws, cnt, M, N, K, bucket, group_size, magic, offset,
+           last)
+    return y if last else y.to(x.dtype)
 
 
 _OPS = triton is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
