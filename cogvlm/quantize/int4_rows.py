@@ -46,7 +46,7 @@ if triton is not None:
         return [triton.Config({"BLOCK_N": r[0], "BLOCK_M": r[1], "SPLIT_K": r[2], "ONE_DOT": r[5]}, num_warps=r[3],
                               num_stages=r[4]) for r in rows]
 
-    def _prune(configs, args):
+    def _prune(configs, args, **_):
         """BLOCK_M no larger than the rows need (at least 16, the MMA's smallest), SPLIT_K at most the tiles."""
         m, tiles = args["M_BUCKET"], args["K"] // K_TILE
         fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m) and c.kwargs["SPLIT_K"] <= tiles]
