@@ -155,6 +155,9 @@ def main() -> None:
                 r = results[-1]
                 print(f"{name:8s} {K:5d}->{N:5d} M={rows:3d} {kind:18s} {r['us']:8.1f} us {r['GB_s']:6.0f} GB/s "
                       f"({r['of_copy']:4.0%} of copy) {r['vs_bf16']:5.2f}x bf16  err {err:.1e}", flush=True)
+    if hasattr(int4_rows, "_int4_rows"):  # the configurations int4_rows' autotuning chose, by (bucket, N, K)
+        for key, config in int4_rows._int4_rows.cache.items():
+            print(f"int4_rows {key[:3]}: {config}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"copy_GB_s": bw, "card": torch.cuda.get_device_name(),
                                          "torch": torch.__version__, "results": results}, indent=1))

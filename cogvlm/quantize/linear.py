@@ -280,8 +280,9 @@ class Int4Linear(QuantizedLinear):
     # 0.41-0.45x / 0.69-0.71x.
     ROWS_TINYGEMM = 24
     # Rows (inclusive) that `cogvlm.quantize.int4_rows` multiplies straight from tinygemm's words (groups of 128 or
-    # 256 inputs, bf16), where it is faster than both of the above.
-    ROWS_OWN = (2, 64)
+    # 256 inputs): on an H200 the four decoder products took 133 us against tinygemm's 141 at 8 rows (tinygemm is
+    # far faster at 1-2), 223 us against 348 dequantized at 26 and 310 against 347 at 64 (bench/quant_kernels.py).
+    ROWS_OWN = (8, 64)
 
     def __init__(self, in_features, out_features, bias, decode_path, device=None, group_size: int = 128):
         check_group_size(group_size, in_features, f"a {in_features}->{out_features} linear layer")
