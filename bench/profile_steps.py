@@ -24,7 +24,7 @@ from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.fusion import fused_kernels  # noqa: E402
 from cogvlm.generate import DecodeSession  # noqa: E402
 
-KINDS = [("weight products", ("gemv", "gemm", "xmma", "cutlass", "int8_r", "int4pack", "nvjet", "splitk")),
+KINDS = [("weight products", ("gemv", "gemm", "xmma", "cutlass", "int8_r", "int4pack", "int4_rows", "nvjet", "splitk")),
          ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn", "attend")),
          ("generated (triton)", ("triton_",)),
          ("copies, fills", ("copy", "fill", "memcpy", "memset", "cat"))]

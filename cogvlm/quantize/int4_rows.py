@@ -75,12 +75,15 @@ if triton is not None:
         dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
         per_split = tl.cdiv(tiles, SPLIT_K)
-        for t in range(tl.program_id(1) * per_split, tl.minimum(tiles, (tl.program_id(1) + 1) * per_split)):
-            words = tl.load(w_ptr + first_word[:, None] + t * 128 + w16[None, :], mask=n_ok[:, None], other=0)
+        for i in range(0, per_split):  # (bounds of K alone: Triton 3.6's interpreter loops over no program id)
+            t = tl.program_id(1) * per_split + i
+            here = (t + tl.zeros((1,), tl.int32)) < tiles  # (fewer tiles in the last share: load none, add 0)
+            words = tl.load(w_ptr + first_word[:, None] + t * 128 + w16[None, :], mask=n_ok[:, None] & here, other=0)
             if ONE_DOT:  # the tile's 128 codes side by side, one product
                 words = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, 16, 8)), (BLOCK_N, 128))
                 codes = (((words >> (4 * cp[None, :])) & 15) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
-                xt = tl.load(x_ptr + rm[None, :] * K + (t * 128 + k_of_c)[:, None], mask=m_ok[None, :], other=0.0)
+                xt = tl.load(x_ptr + rm[None, :] * K + (t * 128 + k_of_c)[:, None], mask=m_ok[None, :] & here,
+                             other=0.0)
                 part = tl.dot(codes, xt)  # sum_k (OFFSET + c_k) x_k: (BLOCK_N, BLOCK_M)
                 x_sum = tl.sum(xt.to(tl.float32), axis=0)
             else:  # nibble p of every word: 16 codes, each against its x column, eight products
@@ -89,12 +92,12 @@ if triton is not None:
                 for p in tl.static_range(8):
                     codes = (((words >> (4 * p)) & 15) | MAGIC).to(tl.int16).to(dtype, bitcast=True)
                     k = t * 128 + 32 * (w16 % 4) + 2 * (w16 // 4) + 8 * (p % 4) + p // 4
-                    xt = tl.load(x_ptr + rm[None, :] * K + k[:, None], mask=m_ok[None, :], other=0.0)
+                    xt = tl.load(x_ptr + rm[None, :] * K + k[:, None], mask=m_ok[None, :] & here, other=0.0)
                     part = tl.dot(codes, xt, part)
                     x_sum += tl.sum(xt.to(tl.float32), axis=0)
             sz = sz_ptr + ((t * 128 // G) * N + rn) * 2
-            s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+            s = tl.load(sz, mask=n_ok & here, other=0.0).to(tl.float32)
+            z = tl.load(sz + 1, mask=n_ok & here, other=0.0).to(tl.float32)
             acc += part * s[:, None] + (z - (OFFSET + 8.0) * s)[:, None] * x_sum[None, :]
         out, ok = rm[None, :] * N + rn[:, None], m_ok[None, :] & n_ok[:, None]
         if not LAST:  # every share added into the fp32 output
