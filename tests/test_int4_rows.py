@@ -66,10 +66,13 @@ def test_on_the_gpu_the_products_match_tinygemm(group_size):
     linear = torch.nn.Linear(4096, 1040, bias=False).to(dev, torch.bfloat16)  # 16 | 1040 (tinygemm), 32 does not
     layer = Int4Linear.from_linear(linear, decode_path=True, group_size=group_size)
     layer.pack_for(dev, torch.bfloat16)
+    assert layer.words_readable and layer.rows_kernel  # the layer routes its rows in ROWS_OWN here
     for rows in (2, 8, 26, 64):
         x = torch.randn(rows, 4096, device=dev, dtype=torch.bfloat16)
         ours = int4_rows.int4_rows(x, layer.packed, layer.scale_zeros, group_size).float()
         theirs = layer._kernel_mm(x, layer.scale_zeros).float()
         assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2, rows
+        routed = layer.ROWS_OWN[0] <= rows <= layer.ROWS_OWN[1]
+        assert torch.equal(layer(x).float(), ours) == routed, rows  # (the K shares are summed in a fixed order)
         compiled = torch.compile(lambda a: int4_rows.int4_rows(a, layer.packed, layer.scale_zeros, group_size))
         assert torch.allclose(compiled(x).float(), ours, rtol=1e-2, atol=1e-2), rows

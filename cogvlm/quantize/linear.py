@@ -28,10 +28,10 @@ Kernels are chosen once the weights sit on their device (`pack_for`), so one fil
   for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
   1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
-  built for few rows (0.25-0.32x bf16 at a prompt's 26 text rows): beyond `Int4Linear.ROWS_TINYGEMM` rows a CUDA
-  layer dequantizes tinygemm's words into a temporary weight (`cogvlm.quantize.tinygemm`) for cuBLAS. The
-  layers only prefill runs (the vision expert, which only image positions use, the adapter and the ViT) keep the
-  plain layout and dequantize into a temporary weight (`triton_mm`'s kernel on CUDA, else one compiled kernel)
+  built for one or two rows: from `Int4Linear.ROWS_OWN[0]` to `[1]` rows a CUDA layer (groups of 128/256) runs
+  `cogvlm.quantize.int4_rows` on tinygemm's words; beyond `ROWS_TINYGEMM` rows it dequantizes them into a temporary
+  weight (`cogvlm.quantize.tinygemm`) for cuBLAS. The layers only prefill runs (the vision expert, the adapter, the
+  ViT) keep the plain layout and dequantize into a temporary weight (`triton_mm` on CUDA, else one compiled kernel)
   for an ordinary GEMM. On the CPU in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the
   plain layout.
 """
@@ -274,14 +274,11 @@ class Int4Linear(QuantizedLinear):
     `scale_zeros` (in/group, out, 2), which replace the stored buffers (same bytes, never both at once)."""
 
     mode = "int4"
-    # Beyond this many rows a layer packed for tinygemm dequantizes its words and runs cuBLAS. On an H200
-    # (bench/quant_kernels.py, docs/quantize.md) tinygemm ran at 0.42-0.55x bf16 at 16 rows against 0.31-0.36x
-    # dequantized, at 26 rows at 0.25-0.32x against 0.31-0.35x, and at 256 / 832 rows at 0.04-0.05x against
-    # 0.41-0.45x / 0.69-0.71x.
+    # On an H200 (bench/quant_kernels.py, docs/quantize.md): beyond ROWS_TINYGEMM rows a layer packed for tinygemm
+    # dequantizes its words for cuBLAS (0.31-0.71x bf16 from 26 to 832 rows, tinygemm 0.04-0.32x); from 8 to 64 rows
+    # int4_rows multiplies the words (the four decoder products: 133 us against tinygemm's 141 at 8 rows, 223 against
+    # 348 dequantized at 26, 310 against 347 at 64; tinygemm is far faster at 1-2 rows).
     ROWS_TINYGEMM = 24
-    # Rows (inclusive) that `cogvlm.quantize.int4_rows` multiplies straight from tinygemm's words (groups of 128 or
-    # 256 inputs): on an H200 the four decoder products took 133 us against tinygemm's 141 at 8 rows (tinygemm is
-    # far faster at 1-2), 223 us against 348 dequantized at 26 and 310 against 347 at 64 (bench/quant_kernels.py).
     ROWS_OWN = (8, 64)
 
     def __init__(self, in_features, out_features, bias, decode_path, device=None, group_size: int = 128):
@@ -315,6 +312,10 @@ class Int4Linear(QuantizedLinear):
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
             self.words_readable = inner_k_tiles == 8 and _tinygemm_words_readable(self.weight, dtype)
+            if self.words_readable:
+                from . import int4_rows
+
+                self.rows_kernel = int4_rows.supported(self.group_size, dtype)
         else:  # the CPU kernel takes one int32 code per element
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight).int(), 2)
         scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
@@ -360,7 +361,6 @@ class Int4Linear(QuantizedLinear):
         rows = flat.shape[0]
         if self.rows_kernel and self.ROWS_OWN[0] <= rows <= self.ROWS_OWN[1]:
             from . import int4_rows  # (imported by `_pack` already)
-
             return int4_rows.int4_rows(flat, self.packed, self.scale_zeros, self.group_size).view(*x.shape[:-1], -1)
         if rows > self.ROWS_TINYGEMM and self.words_readable:
             return F.linear(flat, self._words_dequantized(flat.dtype)).view(*x.shape[:-1], -1)
