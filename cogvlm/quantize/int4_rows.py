@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_mm import launch, triton
+from .triton_mm import counters, launch, triton
 
 K_TILE = 128  # inputs per tile of tinygemm's layout
 # dtype -> (bits, value): the bits `bits | c` are the number value + c for codes 0 <= c < 16. The layers compute in
@@ -117,14 +117,16 @@ if triton is not None:
 
 
 def launch_int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
-                     wrap=lambda k: k, last: bool = True) -> torch.Tensor:
+                     wrap=lambda k: k, last: bool = True, kept: bool = False) -> torch.Tensor:
     """(M, K) @ the packed (N, K) weight .T -> (M, N) in x's dtype (bf16 or fp16); `scale_zeros` (K / G, N, 2) as
-    tinygemm takes it. last: the K shares summed by the last to finish (else added atomically in fp32, then cast)."""
+    tinygemm takes it. last: the K shares summed by the last to finish (else added atomically in fp32, then cast);
+    kept: its counters from `triton_mm.counters` (no fill kernel per call) rather than made per call."""
     (M, K), N = x.shape, scale_zeros.shape[1]
     if last:
         y = x.new_empty(M, N)
         ws = torch.empty(SPLIT_MAX * M * N, dtype=torch.float32, device=x.device)
-        cnt = torch.zeros(triton.cdiv(N, BLOCK_N_MIN) * triton.cdiv(M, 16), dtype=torch.int32, device=x.device)
+        n = triton.cdiv(N, BLOCK_N_MIN) * triton.cdiv(M, 16)
+        cnt = counters(x.device, n, "int4_rows") if kept else torch.zeros(n, dtype=torch.int32, device=x.device)
     else:
         y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
         ws = cnt = y  # (not read)
@@ -148,4 +150,4 @@ def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, 
     """What `Int4Linear` calls: the custom op inside compiled code, a plain launch otherwise (as `triton_mm`)."""
     if torch.compiler.is_compiling():
         return torch.ops.cogvlm.int4_rows(x, packed, scale_zeros, group_size)
-    return launch_int4_rows(x, packed, scale_zeros, group_size)
+    return launch_int4_rows(x, packed, scale_zeros, group_size, kept=True)

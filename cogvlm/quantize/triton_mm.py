@@ -149,6 +149,26 @@ def launch(kernel, grid, wrap, *args, **options) -> None:
         wrap(kernel)[grid](*args, **options)
 
 
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def counters(device: torch.device, n: int, owner: str) -> torch.Tensor:
+    """n zeroed int32 counters for a kernel whose last program to finish a piece of work resets its counter to 0:
+    one buffer per device and `owner`, kept (no fill kernel per call; the calls of one owner run one at a time, in
+    stream order). While a CUDA graph is being captured a new buffer's fill would not run before the graph does, so
+    one that must grow then is made per call, its fill recorded in the graph."""
+    if torch.compiler.is_compiling():  # (traced code gets its own buffer, never a kept one)
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (torch.device(device), owner)
+    have = _COUNTERS.get(key)
+    if have is not None and have.numel() >= n:
+        return have
+    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if type(buf) is torch.Tensor and not (buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[key] = buf
+    return buf
+
+
 def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:
     """(M, K) @ int8 (N, K).T -> (M, N) in x's dtype. `wrap`: how to launch (`wrap_triton` inside the custom op)."""
     (M, K), N = x.shape, weight.shape[0]
