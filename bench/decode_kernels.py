@@ -2,7 +2,6 @@
 work, at CogVLM-17B's shapes, with the copy bandwidth measured in the same run.
 
     python bench/decode_kernels.py [--preset cogvlm-chat-hf] [--slots 1536] [--filled 1380] [--json OUT]
-                                   [--attention-only] [--batches 1 8] [--chunks 0 128 256] [--both-combines]
 
 Each is timed inside a CUDA graph of 20 launches (`bench/quant_kernels.graph_time`), after autotuning. The weight
 products: cuBLAS `F.linear` (plus the separate RMSNorm / SiLU gate / residual-add kernels where the fused kernel does
@@ -81,7 +80,7 @@ def int8_row(name: str, w, x, x32, nw) -> dict:
             "fused_GBs": gb / t_fused, "speedup": t_plain / t_fused, "rel_err": err}
 
 
-def attention_row(cfg, slots: int, filled: int, batch: int = 1, chunk=None, combine: bool = True) -> dict:
+def attention_row(cfg, slots: int, filled: int, batch: int = 1) -> dict:
     t, dt = cfg.text, torch.bfloat16
     H, hd = t.num_attention_heads, t.head_dim
     k, v = (torch.randn(batch, H, slots, hd, device="cuda", dtype=dt) for _ in range(2))
@@ -90,12 +89,11 @@ def attention_row(cfg, slots: int, filled: int, batch: int = 1, chunk=None, comb
     valid[:, :filled] = True
     pos = torch.tensor([filled - 1], device="cuda")
     ordinary = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None])  # noqa
-    fused = lambda: D.attend(q, k, v, valid, pos, chunk=chunk, combine=combine)  # noqa: E731
+    fused = lambda: D.attend(q, k, v, valid, pos)  # noqa: E731
     err = ((fused().float() - ordinary()[:, :, 0].float()).norm() / ordinary().float().norm()).item()
     t_plain, t_fused = graph_time(ordinary), graph_time(fused)
     gb = batch * 2 * 2 * H * filled * hd / 1e9
-    how = f"chunks of {chunk or 'default'}, {'combined by the last' if combine else 'combine kernel'}"
-    return {"kernel": f"attention, batch {batch} ({filled} of {slots} slots; {how})", "ordinary_us": t_plain * 1e6, "fused_us": t_fused * 1e6,
+    return {"kernel": f"attention, batch {batch} ({filled} of {slots} slots)", "ordinary_us": t_plain * 1e6, "fused_us": t_fused * 1e6,
             "ordinary_GBs": gb / t_plain, "fused_GBs": gb / t_fused, "speedup": t_plain / t_fused, "rel_err": err}
 
 
@@ -104,17 +102,11 @@ def main() -> None:
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--slots", type=int, default=1536, help="cache slots (a session of one image + 24 + 128 tokens)")
     ap.add_argument("--filled", type=int, default=1380)
-    ap.add_argument("--attention-only", action="store_true")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="attention's rows")
-    ap.add_argument("--chunks", type=int, nargs="+", default=[0], help="attention's slots per program (0: default)")
-    ap.add_argument("--both-combines", action="store_true", help="attention: also with its second kernel")
     ap.add_argument("--json")
     args = ap.parse_args()
     cfg = CogVLMConfig.load(args.preset)
     copy = copy_bandwidth() / 1e9
-    rows = [] if args.attention_only else product_rows(cfg)
-    rows += [attention_row(cfg, args.slots, args.filled, b, c or None, combine)
-             for b in args.batches for c in args.chunks for combine in ((True, False) if args.both_combines else (True,))]
+    rows = product_rows(cfg) + [attention_row(cfg, args.slots, args.filled, b) for b in (1, 8)]
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
     print("| kernel | cuBLAS alone | ordinary step | fused kernel | GB/s (cuBLAS / fused) | speedup | rel. err |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .quantize.triton_mm import INTERPRETED, counters, triton
+from .quantize.triton_mm import INTERPRETED, triton
 
 if triton is not None:
     import triton.language as tl
@@ -197,9 +197,8 @@ if triton is not None:
     @triton.autotune(configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in
                               ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
-    def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, cnt_ptr, out_ptr, H, S, CHUNK,
-                      scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, COMBINE: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
         _wait_for_inputs(PDL)
         bh, c = tl.program_id(0), tl.program_id(1)
         n_chunks = tl.num_programs(1)
@@ -229,33 +228,22 @@ if triton is not None:
         tl.store(o_ptr + part * D + d, acc, mask=d_ok)
         tl.store(m_ptr + part, m)
         tl.store(l_ptr + part, l)
-        if COMBINE:  # the last of a row's chunks to finish combines them (no second kernel)
-            tl.debug_barrier()  # (every thread's stores issued before the count that publishes them)
-            if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == n_chunks - 1:
-                _combine(o_ptr, m_ptr, l_ptr, out_ptr, bh, n_chunks, D, BLOCK_D, BLOCK_C)
-                tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call
-
-    @triton.jit
-    def _combine(o_ptr, m_ptr, l_ptr, out_ptr, bh, n_chunks, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-        """Row bh's output from its chunks' partial sums, maxima and normalizers."""
-        c = tl.arange(0, BLOCK_C)
-        c_ok = c < n_chunks
-        d = tl.arange(0, BLOCK_D)
-        m = tl.load(m_ptr + bh * n_chunks + c, mask=c_ok, other=-1e30, cache_modifier=".cg")
-        weight = tl.where(c_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
-        l = tl.load(l_ptr + bh * n_chunks + c, mask=c_ok, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_ptr + (bh * n_chunks + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & (d[None, :] < D),
-                    other=0.0, cache_modifier=".cg")
-        total = tl.sum(weight * l, axis=0)
-        tl.store(out_ptr + bh * D + d, (tl.sum(o * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty),
-                 mask=d < D)
 
     @triton.jit
     def _attend_combine(o_ptr, m_ptr, l_ptr, out_ptr, n_chunks, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_C: tl.constexpr, PDL: tl.constexpr):
         _wait_for_inputs(PDL)
-        _combine(o_ptr, m_ptr, l_ptr, out_ptr, tl.program_id(0), n_chunks, D, BLOCK_D, BLOCK_C)
+        bh = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        c_ok = c < n_chunks
+        d = tl.arange(0, BLOCK_D)
+        m = tl.load(m_ptr + bh * n_chunks + c, mask=c_ok, other=-1e30)
+        weight = tl.where(c_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+        total = tl.sum(weight * tl.load(l_ptr + bh * n_chunks + c, mask=c_ok, other=0.0), axis=0)
+        o = tl.load(o_ptr + (bh * n_chunks + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & (d[None, :] < D),
+                    other=0.0)
+        tl.store(out_ptr + bh * D + d, (tl.sum(o * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty),
+                 mask=d < D)
 
 
 PDL = os.environ.get("COGVLM_PDL", "1") != "0"
@@ -329,28 +317,27 @@ CHUNK_STEP, MAX_CHUNKS = 64, 64  # a chunk is a multiple of CHUNK_STEP slots (an
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor,
-           pos: torch.Tensor, chunk: int | None = None, combine: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd). chunk: slots per
-    program (a multiple of CHUNK_STEP; default below); combine: the chunks combined by the last of each row's
-    programs to finish (else by a second kernel). (Both for bench/decode_kernels.py.)"""
+           pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd)."""
     B, H, S, hd = k_cache.shape
-    if chunk is None:
-        # Chunks of 64 slots (768 programs for 32 heads and 1536 slots; a first version with ~2 programs per SM
-        # read the cache at 1.2 TB/s on an H200), at most MAX_CHUNKS per head for long caches; each program walks
-        # its chunk in blocks of the autotuned BLOCK_S.
-        chunk = triton.cdiv(triton.cdiv(S, min(triton.cdiv(S, CHUNK_STEP), MAX_CHUNKS)), CHUNK_STEP) * CHUNK_STEP
+    # Chunks of 64 slots (768 programs for 32 heads and 1536 slots; a first version with ~2 programs per SM read the
+    # cache at 1.2 TB/s on an H200), at most MAX_CHUNKS per head for long caches; each program walks its chunk in
+    # blocks of the autotuned BLOCK_S. On an H200 (docs/benchmarks.md, eleventh session) chunks of 128-512 slots were
+    # slower at batches 1, 8 and 16, and so was combining a row's chunks in the last of its programs to finish
+    # instead of the second kernel (12.3 against 9.9 us at batch 1).
+    n_chunks = min(triton.cdiv(S, CHUNK_STEP), MAX_CHUNKS)
+    chunk = triton.cdiv(triton.cdiv(S, n_chunks), CHUNK_STEP) * CHUNK_STEP
     n_chunks = triton.cdiv(S, chunk)
     parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=q.device)
     m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    out = torch.empty_like(q)
-    block_d, block_c = triton.next_power_of_2(hd), triton.next_power_of_2(n_chunks)
+    block_d = triton.next_power_of_2(hd)
     pdl = launch_options(q.device, B)
-    cnt = counters(q.device, B * H, "attend") if combine else m
     launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, q, k_cache, v_cache, key_valid, pos, parts, m, l,
-           cnt, out, H, S, chunk, hd ** -0.5, hd, block_d, block_c, combine, **pdl)
-    if not combine:
-        _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d, BLOCK_C=block_c, **pdl)
+           H, S, chunk, hd ** -0.5, hd, block_d, **pdl)
+    out = torch.empty_like(q)
+    _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
+                              BLOCK_C=triton.next_power_of_2(n_chunks), **pdl)
     return out
 
 

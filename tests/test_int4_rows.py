@@ -33,7 +33,8 @@ def check_products() -> None:
         for i in range(len(configs)):
             triton_mm.interpreted_config = i
             for last in (True, False):  # the K shares summed by the last to finish, or added atomically
-                got = int4_rows.launch_int4_rows(x, packed, scale_zeros, G, last=last)
+                # (the kept counters: each call must leave them at 0 for the next)
+                got = int4_rows.launch_int4_rows(x, packed, scale_zeros, G, last=last, kept=last)
                 assert got.shape == (M, N) and got.dtype == torch.float16
                 err = ((got.float() - want).norm() / want.norm()).item()
                 assert err < 1e-3, (N, K, M, G, configs[i], last, err)  # fp16 rounding of the output: ~2e-4
