@@ -322,15 +322,17 @@ def run_children(args) -> list[dict]:
 
 def print_speed(rows: list[dict], batches: list[int]) -> None:
     base = next((r for r in rows if r["mode"] == "bf16" and "error" not in r), None)
-    head = ["mode", "weights", "peak b1", "TTFT b1"] + [f"decode b{b}" for b in batches] + ["logits err", "greedy"]
+    first = batches[0]  # (peak memory and time to first token at the first batch size measured)
+    head = ["mode", "weights", f"peak b{first}", f"TTFT b{first}"] + [f"decode b{b}" for b in batches]
+    head += ["logits err", "greedy"]
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in rows:
         if "error" in r:
             print(f"| {r['mode']} | failed: {r['error']} |")
             continue
         rel = (lambda k: f" ({r[k] / base[k]:.2f}x)") if base else (lambda k: "")
-        cells = [r["mode"] + (" (compiled)" if r.get("compiled") else ""), f"{r['weights_GB']:.1f} GB", f"{r['peak_b1_GB']:.1f} GB",
-                 f"{r['ttft_b1_ms']:.0f} ms{rel('ttft_b1_ms')}"]
+        cells = [r["mode"] + (" (compiled)" if r.get("compiled") else ""), f"{r['weights_GB']:.1f} GB",
+                 f"{r[f'peak_b{first}_GB']:.1f} GB", f"{r[f'ttft_b{first}_ms']:.0f} ms{rel(f'ttft_b{first}_ms')}"]
         cells += [f"{r[f'decode_b{b}_tok_s']:.0f} tok/s{rel(f'decode_b{b}_tok_s')}" for b in batches]
         cells += [f"{r['logits_rel_err_vs_bf16'] * 100:.2f} %", f"{r['greedy_agreement_vs_bf16'] * 100:.0f} %"]
         print("| " + " | ".join(cells) + " |")
