@@ -13,8 +13,13 @@ code: with one group per tile of 128 inputs (group sizes 128 and 256),
 
 Codes become bf16 through integer logic alone: the bits 0x4300 | c are the bf16 number 128 + c (exact, 0 <= c < 16),
 so the tile's dot product is sum_k (128 + c_k) x_k and the correction's zero term takes (z - 136 s) instead (fp16:
-0x6400 | c is 1024 + c). The
-partial sums of the K shares meet in an fp32 buffer (atomic adds), cast to bf16 at the end.
+0x6400 | c is 1024 + c). Each
+K share writes its fp32 partial sums to a workspace and counts itself in (`triton_mm.counters`); the last share of
+a tile to arrive adds them in order, writes the output in x's dtype and resets the count, so the result does not
+depend on the order the shares finish in (atomic fp32 adds, `last=False`, are kept for the bench).
+
+On an H200 (bench/quant_kernels.py, docs/benchmarks.md, tenth session) it is faster than tinygemm from 8 rows and
+than the dequantized words up to at least 64, where `Int4Linear` uses it (`ROWS_OWN`).
 
 The layout (from torch's int4mm.cu, checked against torch's packing by `tinygemm.layout_matches`): channel 8j + r
 owns words 16r..16r+15 of tile (j, t), and nibble p of its word w = 4a + i holds input 128 t + 32 i + 2 a + 8 (p % 4)
@@ -27,9 +32,9 @@ import torch
 from .triton_mm import counters, launch, triton
 
 K_TILE = 128  # inputs per tile of tinygemm's layout
+SPLIT_MAX, BLOCK_N_MIN = 8, 32  # over the configurations below
 # dtype -> (bits, value): the bits `bits | c` are the number value + c for codes 0 <= c < 16. The layers compute in
 # bf16 (tinygemm's dtype); fp16 is there for Triton's CPU interpreter, whose bf16 `tl.dot` is wrong (Triton 3.9).
-SPLIT_MAX, BLOCK_N_MIN = 8, 32  # over the configurations below
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 

@@ -4,7 +4,8 @@ many rows, so one copy of the weight serves every row count.
 The int4 decode layers are packed for tinygemm (`aten._weight_int4pack_mm`), the fastest one-row int4 product here
 (1.5-2.0x bf16 on an H200). But tinygemm is built for one row: measured on an H200 (bench/quant_kernels.py,
 docs/quantize.md) it runs at 0.7-0.9x bf16 at 8 rows, 0.25-0.32x at a prompt's 26 text rows and 0.04x at the 832
-text rows of a caption batch of 32. Beyond `Int4Linear.ROWS_TINYGEMM` rows the layer instead writes its weight in
+text rows of a caption batch of 32. From 8 to 64 rows `cogvlm.quantize.int4_rows` multiplies the words themselves;
+beyond, the layer instead writes its weight in
 the compute dtype from the packed words (`dequantize(packed, scale_zeros, group_size, dtype)`, one pass,
 `(code - 8) * scale + zero` in fp32 rounded once, as `dequantize_int4`) and runs cuBLAS on it: 0.31-0.35x bf16 at 26
 rows, 0.41-0.45x at 256, 0.69-0.71x at 832.
