@@ -59,3 +59,16 @@ def test_the_kernels_are_off_on_the_cpu_and_with_cogvlm_triton_0(monkeypatch):
     assert triton_mm.enabled() and triton_kernels(x, x.dtype) is None  # CPU tensors take torch's own kernels
     monkeypatch.setenv("COGVLM_TRITON", "0")
     assert not triton_mm.enabled()
+
+
+def test_kept_counters_are_one_zeroed_buffer_per_device_and_owner_that_grows():
+    from cogvlm.quantize import triton_mm
+
+    cpu = torch.device("cpu")
+    first = triton_mm.counters(cpu, 10, "test-a")
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert triton_mm.counters(cpu, 10, "test-a") is first  # kept: no new buffer (and no fill) per call
+    assert triton_mm.counters(cpu, 10, "test-b") is not first  # each owner its own
+    bigger = triton_mm.counters(cpu, first.numel() + 1, "test-a")
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert triton_mm.counters(cpu, 10, "test-a") is bigger
