@@ -23,17 +23,15 @@ Kernels are chosen once the weights sit on their device (`pack_for`), so one fil
   which reads only the int8 bytes (1.4-2.2x bf16 at one row on an H200); more rows (the image positions at
   prefill): its one-pass dequantization (codes x scales, in fp32, rounded once to the compute dtype), then cuBLAS
   (the scales multiplying the output instead cost an extra pass over the (rows, out) result: 9 ms of an H200 prefill).
-  Without Triton (or with COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`. torch's
-  `_weight_int8pack_mm` reads 110-195 GB/s on an H200, 20x slower than bf16, so it is used only on the CPU, and only
-  for bf16 (for fp32 it was 2-25x slower than the plain product here, measured on this project's CPU).
+  Without Triton (or with COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`. torch's `_weight_int8pack_mm`
+  reads 110-195 GB/s on an H200 (20x slower than bf16): used only on the CPU, for bf16 (fp32: 2-25x slower there).
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
   1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
   built for one or two rows: from `Int4Linear.ROWS_OWN[0]` to `[1]` rows a CUDA layer (groups of 128/256) runs
   `cogvlm.quantize.int4_rows` on tinygemm's words; beyond `ROWS_TINYGEMM` rows it dequantizes them into a temporary
   weight (`cogvlm.quantize.tinygemm`) for cuBLAS. The layers only prefill runs (the vision expert, the adapter, the
   ViT) keep the plain layout and dequantize into a temporary weight (`triton_mm` on CUDA, else one compiled kernel)
-  for an ordinary GEMM. On the CPU in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the
-  plain layout.
+  for a GEMM. On the CPU in fp32/fp16, whose int4 kernel is slow beyond one row, every layer keeps the plain layout.
 """
 from __future__ import annotations
 
@@ -274,10 +272,9 @@ class Int4Linear(QuantizedLinear):
     `scale_zeros` (in/group, out, 2), which replace the stored buffers (same bytes, never both at once)."""
 
     mode = "int4"
-    # On an H200 (bench/quant_kernels.py, docs/quantize.md): beyond ROWS_TINYGEMM rows a layer packed for tinygemm
-    # dequantizes its words for cuBLAS (0.31-0.71x bf16 from 26 to 832 rows, tinygemm 0.04-0.32x); from 8 to 64 rows
-    # int4_rows multiplies the words (the four decoder products: 133 us against tinygemm's 141 at 8 rows, 223 against
-    # 348 dequantized at 26, 310 against 347 at 64; tinygemm is far faster at 1-2 rows).
+    # On an H200 (bench/quant_kernels.py, docs/benchmarks.md): from 8 to 64 rows int4_rows multiplies tinygemm's words
+    # (four decoder products: 136 us against tinygemm's 140 at 8 rows, 223 against 348 dequantized at 26, 310 against
+    # 347 at 64); beyond ROWS_TINYGEMM rows they are dequantized for cuBLAS (0.31-0.71x bf16 at 26-832 rows).
     ROWS_TINYGEMM = 24
     ROWS_OWN = (8, 64)
 
@@ -287,7 +284,6 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, decode_path, device)
         self.kernel: str | None = None  # "cuda" / "cpu" once packed for that device's kernel
         self.words_readable = False  # tinygemm's words can be dequantized by `cogvlm.quantize.tinygemm` (CUDA)
-        self.rows_kernel = False  # ... and multiplied by `cogvlm.quantize.int4_rows`
 
     def stored_shapes(self):
         groups = (self.out_features, self.in_features // self.group_size)
@@ -312,10 +308,6 @@ class Int4Linear(QuantizedLinear):
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
             self.words_readable = inner_k_tiles == 8 and _tinygemm_words_readable(self.weight, dtype)
-            if self.words_readable:
-                from . import int4_rows
-
-                self.rows_kernel = int4_rows.supported(self.group_size, dtype)
         else:  # the CPU kernel takes one int32 code per element
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight).int(), 2)
         scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
@@ -328,7 +320,7 @@ class Int4Linear(QuantizedLinear):
     def _unpack(self) -> None:
         codes, scale_zeros = self._kernel_codes(), self.scale_zeros
         del self.packed, self.scale_zeros
-        self.kernel, self.words_readable, self.rows_kernel = None, False, False
+        self.kernel, self.words_readable = None, False
         self.register_buffer("weight", pack_nibbles(codes))
         self.register_buffer("scales", scale_zeros[..., 0].t().contiguous())
         self.register_buffer("zeros", scale_zeros[..., 1].t().contiguous())
@@ -351,6 +343,14 @@ class Int4Linear(QuantizedLinear):
             parts.append(self._kernel_mm(eye, unit, packed))  # (n, out): rows k0.. of codes.T
         return torch.cat(parts).t().round().to(torch.uint8).to(self.packed.device)
 
+    @property
+    def rows_kernel(self) -> bool:
+        """Whether `cogvlm.quantize.int4_rows` multiplies this layer's words (readable, groups of whole tiles)."""
+        if not self.words_readable:
+            return False
+        from . import int4_rows  # (Triton is there once the words are readable)
+        return int4_rows.supported(self.group_size, self.scale_zeros.dtype)
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             return F.linear(x, self.dequantize(x.dtype))
@@ -360,7 +360,7 @@ class Int4Linear(QuantizedLinear):
         flat = x.reshape(-1, self.in_features).contiguous()
         rows = flat.shape[0]
         if self.rows_kernel and self.ROWS_OWN[0] <= rows <= self.ROWS_OWN[1]:
-            from . import int4_rows  # (imported by `_pack` already)
+            from . import int4_rows
             return int4_rows.int4_rows(flat, self.packed, self.scale_zeros, self.group_size).view(*x.shape[:-1], -1)
         if rows > self.ROWS_TINYGEMM and self.words_readable:
             return F.linear(flat, self._words_dequantized(flat.dtype)).view(*x.shape[:-1], -1)
