@@ -28,9 +28,9 @@ from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 
 # candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); see decode_kernels._configs
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
-         (4, 2048, 2, 1, True), (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True),
-         (16, 1024, 8, 1, True), (4, 1024, 2, 1, True), (16, 512, 4, 1, True), (8, 512, 4, 1, True),
-         (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 1024, 4, 1, True)]
+         (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True), (16, 1024, 8, 1, True),
+         (4, 1024, 2, 1, True), (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 2048, 4, 1, True),
+         (32, 1024, 4, 1, True), (16, 512, 2, 1, True), (8, 256, 2, 1, True)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 

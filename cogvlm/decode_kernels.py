@@ -40,7 +40,7 @@ from .quantize.triton_mm import INTERPRETED, triton
 if triton is not None:
     import triton.language as tl
 
-    from .quantize.triton_mm import _byte_to_f32, _int8_to_f32, launch
+    from .quantize.triton_mm import _int8_to_f32, _word_codes_to_f32, launch
 
     def _configs(rows):
         """(BLOCK_N, BLOCK_K, warps, stages[, WORDS]) -> configs; WORDS: int8 codes read as int32 words of four."""
@@ -77,12 +77,14 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]): the first eight are the int8 product's (`triton_mm._int8_row`);
-    # WORDS read 1-6 % faster than bytes at two of the four int8 shapes on an H200 (bench/gemv_configs.py)
+    # WORDS were the fastest at all four int8 shapes on an H200 once their codes became floats by byte permutes
+    # (bench/gemv_configs.py, docs/benchmarks.md)
     @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),
                                        (32, 256, 4, 1), (8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 3),
                                        (4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
                                        (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3),
-                                       (8, 2048, 4, 1, True), (8, 1024, 4, 1, True)]),
+                                       (8, 2048, 4, 1, True), (8, 1024, 4, 1, True), (16, 1024, 4, 1, True),
+                                       (8, 512, 4, 1, True), (16, 512, 4, 1, True), (4, 2048, 2, 1, True)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
@@ -102,15 +104,18 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 4 + tl.arange(0, KW)
                 j_ok = j < K // 4
+                codes = _word_codes_to_f32(w)
+                codes_up = _word_codes_to_f32(u) if GATE else codes
                 for b in tl.static_range(4):
                     x = tl.load(x_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
                     if NORM:
                         squares += x * x
                         x = x * tl.load(nw_ptr + 4 * j + b, mask=j_ok, other=0.0).to(tl.float32)
-                    acc += _byte_to_f32(w, 8 * b) * x[None, :]
+                    acc += codes[b] * x[None, :]
                     if GATE:
-                        acc_up += _byte_to_f32(u, 8 * b) * x[None, :]
+                        acc_up += codes_up[b] * x[None, :]
                 w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, True, BLOCK_K)
+            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -126,7 +131,7 @@ if triton is not None:
                 if GATE:
                     acc_up += (_int8_to_f32(u) if INT8 else u.to(tl.float32)) * x[None, :]
                 w, u = _weight_tile(w_ptr, rn, n_ok, k0 + BLOCK_K, N, K, GATE, False, BLOCK_K)
-        y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+            y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if NORM:

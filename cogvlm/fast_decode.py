@@ -7,6 +7,7 @@ token takes the language expert), reading the same modules' weights:
     qkv = [RMSNorm + QKV product]            q = rotary(q); k, v = rotary(k), v -> cache slot   (rope_kv)
     a   = attention over the cache (split)   x = x + [dense product]
     h   = [RMSNorm + gate|up product + SiLU gate]                 x = x + [down product]
+    logits = [final RMSNorm + lm_head product]
 
 Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
 projection runs through its own module, its residual add left pending for the next norm's kernel (`add_norm`: add and
@@ -76,9 +77,8 @@ class FastStep:
             stream = self.added(x, attn.language_expert_dense, a.view(B, -1))
             x, h = self.normed(stream, mlp.gate_up, layer.mlp_norm, gate=True)
             stream = self.added(x, mlp.down, h)
-        x, pending = stream
-        x = x if pending is None else x + pending
-        return llm.lm_head(llm.norm(x[:, None])).float()[:, -1]
+        _, logits = self.normed(stream, llm.lm_head, llm.norm)  # the final norm in lm_head's product, as a layer's
+        return logits.float()
 
     def normed(self, stream, linear: nn.Module, norm: RMSNorm, gate: bool = False):
         """(x: the stream with its pending product added, linear(norm(x))), gated by SwiGLU with gate: in one kernel

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -141,6 +142,12 @@ def check_decode_steps() -> None:
     from cogvlm.fast_decode import FastStep
     from cogvlm.quantize import QuantSpec, pack_model, quantize_model
 
+    from cogvlm import decode_kernels as D
+    from cogvlm.quantize import triton_mm as T
+
+    # the interpreter runs one configuration of each list: here the product's widest (64 x 128), so that lm_head's
+    # product over the whole vocabulary takes few programs
+    T.interpreted_config = max(range(len(D._gemv.configs)), key=lambda i: D._gemv.configs[i].kwargs["BLOCK_N"])
     model, t, batched = fixture_model()
     worst, agree = decode_both(model, t)
     assert worst < 1e-4 and agree == 6, (worst, agree)
@@ -187,3 +194,26 @@ def test_sessions_on_the_cpu_keep_the_model_step():
 
     model, _, _ = fixture_model()
     assert DecodeSession(model, 1, 16).fast is None  # no CUDA graph on the CPU: the ordinary step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels' compiled code (its PTX) needs a CUDA GPU")
+def test_int8_products_match_torch_on_the_gpu():
+    """Every int8 configuration of the decode product as compiled for the GPU (the interpreter does not run the
+    byte permutes of `_word_codes_to_f32`), against the dequantized weight's fp32 product."""
+    from cogvlm import decode_kernels as D
+    from cogvlm.quantize.linear import quantize_int8
+
+    torch.manual_seed(0)
+    for N, K in ((40, 320), (300, 4096)):
+        w = torch.randn(2 * N, K, device="cuda") * 0.05
+        x, nw = torch.randn(K, device="cuda"), torch.rand(K, device="cuda") + 0.5
+        xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * nw
+        q8 = quantize_int8(w)
+        w8 = q8["weight"].float() * q8["scales"].float()[:, None]
+        for config in D._prune(D._gemv.configs, {"INT8": True, "K": K}):
+            got = D.gemv(x, q8["weight"][:N], q8["scales"][:N], out_dtype=torch.float32, config=config)
+            assert rel(got, F.linear(x, w8[:N])) < 1e-5, (N, K, config)
+            got = D.gemv(x, q8["weight"], q8["scales"], norm=(nw, 1e-5), gate=True, out_dtype=torch.float32,
+                         config=config)
+            want = F.linear(xn, w8)
+            assert rel(got, F.silu(want[:N]) * want[N:]) < 1e-5, (N, K, config)
