@@ -53,6 +53,9 @@ class FastStep:
             parts = {"layer": layer, **{name: layer.get_submodule(name) for name in STOCK if name != "layer"}}
             if any(type(m) is not STOCK[name] or m._forward_hooks or m._forward_pre_hooks for name, m in parts.items()):
                 return None
+        ends = (model.llm.norm, model.llm.lm_head)  # read by the last kernel: a hook on them would be skipped too
+        if type(model.llm.norm) is not RMSNorm or any(m._forward_hooks or m._forward_pre_hooks for m in ends):
+            return None
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
         if any(p.device != device for p in model.llm.parameters()):

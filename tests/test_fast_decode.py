@@ -169,6 +169,9 @@ def check_decode_steps() -> None:
     handle = model.llm.layers[1].register_forward_hook(lambda *a: None)
     assert FastStep.build(model, 1, caches) is None  # a hook would be skipped: the ordinary step
     handle.remove()
+    handle = model.llm.lm_head.register_forward_hook(lambda *a: None)
+    assert FastStep.build(model, 1, caches) is None  # lm_head's product runs in the kernel: its hook would be skipped
+    handle.remove()
     assert FastStep.build(model, 1, caches) is not None
     os.environ["COGVLM_DECODE_KERNELS"] = "0"
     assert FastStep.build(model, 1, caches) is None
