@@ -76,7 +76,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
 
-    # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); also the int8 layers' own one-row product (`triton_mm.int8_mm`).
+    # (BLOCK_N, BLOCK_K, warps, stages[, WORDS]): the first eight are the int8 product's (`triton_mm._int8_row`);
     # WORDS were the fastest at all four int8 shapes on an H200 once their codes became floats by byte permutes
     # (bench/gemv_configs.py, docs/benchmarks.md)
     @triton.autotune(configs=_configs([(4, 512, 2, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 512, 4, 3),

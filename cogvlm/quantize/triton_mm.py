@@ -4,12 +4,10 @@
     int4   nibbles uint8 (N, K/2), scales, zeros (N, K/G)    W[n, k] = (code[n, k] - 8) * scales[n, g] + zeros[n, g]
 
 - `int8_mm(x, codes, scales)`: y = x @ W.T reading only the int8 bytes, for up to MAX_ROWS rows (decode steps, the
-  prompt's text rows). One row: the decode step's product (`decode_kernels._gemv`, without its norm, gate or
-  residual; 1.14-1.30x `_int8_row` on an H200), or inside compiled code `_int8_row`: each program owns BLOCK_N
-  output channels, multiplies and adds in fp32 across K and scales at the end. Several rows (`_int8_rows`): the
-  codes, converted in registers, are the first operand of `tl.dot` against x transposed, so the MMA's wide side is
-  the output channels, not the handful of rows; programs sharing a weight tile are launched together, so it comes
-  from L2 after the first read.
+  prompt's text rows). One row (`_int8_row`): each program owns BLOCK_N output channels, multiplies and adds in
+  fp32 across K and scales at the end. Several rows (`_int8_rows`): the codes, converted in registers, are the
+  first operand of `tl.dot` against x transposed, so the MMA's wide side is the output channels, not the handful of
+  rows; programs sharing a weight tile are launched together, so it comes from L2 after the first read.
 - `int8_dequantize(codes, scales, dtype)`, `int4_dequantize(nibbles, scales, zeros, dtype)`: the weight in `dtype` in one pass,
   for products of more rows (the prefill's image positions), which then run at cuBLAS's rate.
 
@@ -194,20 +192,11 @@ def counters(device: torch.device, n: int, owner: str) -> torch.Tensor:
     return buf
 
 
-def _PLAIN(kernel):  # launch as it is (not traced)
-    return kernel
-
-
-def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wrap=_PLAIN) -> torch.Tensor:
+def launch_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:
     """(M, K) @ int8 (N, K).T -> (M, N) in x's dtype. `wrap`: how to launch (`wrap_triton` inside the custom op)."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
-    if M == 1 and wrap is _PLAIN:
-        from ..decode_kernels import _gemv  # the decode step's one-row product, without its options
-
-        launch(_gemv, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[0], weight, scales, x[0], y[0], y[0], N, K,
-               0.0, False, False, False, True, PDL=False)
-    elif M == 1:  # traced by the compiler, which failed on _gemv (torch 2.11: an AssertionError in its pattern matcher)
+    if M == 1:
         launch(_int8_row, lambda c: (triton.cdiv(N, c["BLOCK_N"]),), wrap, x[0], weight, scales, y[0], N, K)
     else:
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))  # noqa: E731
