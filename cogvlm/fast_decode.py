@@ -49,12 +49,13 @@ class FastStep:
         if not (device.type == "cuda" or triton_mm.INTERPRETED) or model.dtype not in (
                 torch.bfloat16, torch.float16, torch.float32):
             return None
-        for layer in model.llm.layers:
-            parts = {"layer": layer, **{name: layer.get_submodule(name) for name in STOCK if name != "layer"}}
-            if any(type(m) is not STOCK[name] or m._forward_hooks or m._forward_pre_hooks for name, m in parts.items()):
-                return None
-        ends = (model.llm.norm, model.llm.lm_head)  # read by the last kernel: a hook on them would be skipped too
-        if type(model.llm.norm) is not RMSNorm or any(m._forward_hooks or m._forward_pre_hooks for m in ends):
+        # (module, the type it must have or None): each layer's parts, and the final norm and lm_head, which the
+        # last kernel reads; a hook on any of them would be skipped
+        parts = [(layer.get_submodule(name) if name != "layer" else layer, kind)
+                 for layer in model.llm.layers for name, kind in STOCK.items()]
+        parts += [(model.llm.norm, RMSNorm), (model.llm.lm_head, None)]
+        if any((kind is not None and type(m) is not kind) or m._forward_hooks or m._forward_pre_hooks
+               for m, kind in parts):
             return None
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None

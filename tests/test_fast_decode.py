@@ -139,10 +139,9 @@ def decode_both(model, t, steps: int = 6) -> tuple[float, int]:
 def check_decode_steps() -> None:
     from torch import nn
 
+    from cogvlm import decode_kernels as D
     from cogvlm.fast_decode import FastStep
     from cogvlm.quantize import QuantSpec, pack_model, quantize_model
-
-    from cogvlm import decode_kernels as D
     from cogvlm.quantize import triton_mm as T
 
     # the interpreter runs one configuration of each list: here the product's widest (64 x 128), so that lm_head's
