@@ -290,12 +290,13 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
         pixel_values = pixel_values.to(device=model.vision.patch_embed.proj.weight.device, dtype=model.dtype)
     logits = session.prefill(input_ids, token_type_ids, attention_mask, pixel_values)
     device = logits.device
-    rows = torch.arange(B, device=device)
-    # Ids already present, for the repetition penalty. HF counts every prompt id (the image placeholders too) but,
-    # unlike HF, never the left padding: a row is then penalised the same in a batch as alone.
-    seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
-    b, t = attention_mask.bool().nonzero(as_tuple=True)
-    seen[b.to(device), input_ids[b, t].to(device)] = True
+    # Ids already present, for the repetition penalty (kept only with one). HF counts every prompt id (the image
+    # placeholders too) but, unlike HF, never the left padding: a row is then penalised the same in a batch as alone.
+    seen = None
+    if sampling["repetition_penalty"] != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        b, t = attention_mask.bool().nonzero(as_tuple=True)
+        seen[b.to(device), input_ids[b, t].to(device)] = True
     generators = row_generators(B, seed, device) if sampling["do_sample"] else None
 
     # The next step is queued on the GPU before this step's tokens reach the caller, so that the GPU decodes while
@@ -318,7 +319,8 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
             copied.record(torch.cuda.current_stream(device))
         more = step < max_new_tokens - 1
         if more:
-            seen[rows, tokens] = True
+            if seen is not None:
+                seen[torch.arange(B, device=device), tokens] = True
             if session.owner is not ticket:
                 raise RuntimeError("another generation started on this model's decode session while this one was "
                                    "still running; finish one before starting the next, or pass each its own "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +73,30 @@ def test_kept_counters_are_one_zeroed_buffer_per_device_and_owner_that_grows():
     bigger = triton_mm.counters(cpu, first.numel() + 1, "test-a")
     assert bigger.numel() > first.numel() and not bigger.any()
     assert triton_mm.counters(cpu, 10, "test-a") is bigger
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels' PTX needs a CUDA GPU")
+def test_int8_layers_on_the_gpu_compute_with_their_codes_at_every_row_count(monkeypatch):
+    """An int8 layer on the GPU against its dequantized weight in fp32: one row through the fast decode step's
+    product (`decode_kernels.gemv`, seen called), a few rows through `int8_mm`, a prefill's rows through the
+    dequantized weight and cuBLAS."""
+    from cogvlm import decode_kernels
+    from cogvlm.quantize.linear import Int8Linear
+
+    calls = []
+    plain = decode_kernels.gemv
+    monkeypatch.setattr(decode_kernels, "gemv", lambda *a, **k: calls.append(a[1].shape) or plain(*a, **k))
+    torch.manual_seed(0)
+    for N, K in ((300, 4096), (4096, 11008), (50, 322)):  # 322: K % 4 != 0, so no word configurations
+        layer = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False)).cuda().to(torch.bfloat16)
+        layer.pack_for(None, torch.bfloat16)
+        w = layer.dequantize(torch.float32)
+        for rows in (1, 3, 100):
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                y = layer(x)
+            want = x.float() @ w.T
+            err = ((y.float() - want).norm() / want.norm()).item()
+            assert y.shape == (rows, N) and y.dtype == torch.bfloat16
+            assert err < torch.finfo(torch.bfloat16).eps, f"{N}x{K}, {rows} rows: relative error {err:.2e}"
+    assert calls == [(300, 4096), (4096, 11008), (50, 322)]

@@ -19,12 +19,11 @@ The stored format is the same on every device (checkpoints hold it and `state_di
 
 Kernels are chosen once the weights sit on their device (`pack_for`), so one file serves the CPU and GPUs:
 
-- int8 on CUDA (bf16/fp16): up to 64 rows (decode steps, the prompt's text), `cogvlm.quantize.triton_mm`'s product,
-  which reads only the int8 bytes (1.4-2.2x bf16 at one row on an H200); more rows (the image positions at
-  prefill): its one-pass dequantization (codes x scales, in fp32, rounded once to the compute dtype), then cuBLAS
-  (the scales multiplying the output instead cost an extra pass over the (rows, out) result: 9 ms of an H200 prefill).
-  Without Triton (or with COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`. torch's `_weight_int8pack_mm`
-  reads 110-195 GB/s on an H200 (20x slower than bf16): used only on the CPU, for bf16 (fp32: 2-25x slower there).
+- int8 on CUDA (bf16/fp16): one row, the fast decode step's product (`cogvlm.decode_kernels.gemv`; in compiled
+  code `triton_mm`'s); up to 64 rows, `cogvlm.quantize.triton_mm`'s product on the int8 bytes; more rows (the image
+  positions at prefill): its one-pass dequantization (fp32, rounded once), then cuBLAS. Without Triton (or with
+  COGVLM_TRITON=0): `F.linear(x, codes.to(x.dtype)) * scales`; torch's `_weight_int8pack_mm` (20x slower than bf16
+  on an H200) only on the CPU, for bf16.
 - int4, the layers every decode step runs (the language expert): tinygemm, `aten._weight_int4pack_mm` (CUDA, bf16;
   1.6-2.1x faster than bf16 at batch 1 on an H200) or `aten._weight_int4pack_mm_for_cpu` (CPU bf16). tinygemm is
   built for one or two rows: from `Int4Linear.ROWS_OWN[0]` to `[1]` rows a CUDA layer (groups of 128/256) runs
@@ -124,6 +123,9 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     kernels = triton_kernels(x, x.dtype)
+    if kernels is not None and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
+        from ..decode_kernels import gemv  # (device maps, LoRA: 1.14-1.30x triton_mm's one-row product on an H200)
+        return gemv(x.reshape(-1).contiguous(), weight, scales, out_dtype=x.dtype).view(*x.shape[:-1], -1)
     if kernels is not None and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         return kernels.int8_mm(flat, weight, scales).view(*x.shape[:-1], -1)
@@ -158,13 +160,11 @@ def check_group_size(group_size: int, in_features: int, where: str) -> None:
 
 def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int) -> str | None:
     """The int4 kernel to pack for ("cuda" or "cpu"), or None to keep the plain layout (see the module docstring)."""
-    if dtype != torch.bfloat16:
+    if dtype != torch.bfloat16 or out_features % 16:  # tinygemm's n-tile: 8 on NVIDIA, 16 on ROCm
         return None
-    if device.type == "cuda" and out_features % 16 == 0:  # tinygemm's n-tile: 8 on NVIDIA, 16 on ROCm
+    if device.type == "cuda":
         return "cuda"
-    if device.type == "cpu" and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return "cpu"
-    return None
+    return "cpu" if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
 
 
 def _tinygemm_words_readable(t: torch.Tensor, dtype: torch.dtype) -> bool:
