@@ -172,7 +172,7 @@ def fixture_quality(model, reference) -> dict[str, float]:
 # The fixture model has random weights: its logits are flat (std 0.64, top-1 margins often < 0.1), so int4's error
 # (max 0.7 per logit at group 32) flips many greedy tokens; the shipped tiny-shapes model is the quality test.
 @pytest.mark.parametrize("mode,group_size,max_error,min_agreement,min_first", [
-    ("int8", None, 0.05, 0.8, 1.0),
+    ("int8", None, 0.05, 0.75, 1.0),  # (82 % with lm_head in int8, 88 % without: random weights, near-ties)
     ("int4", 32, 0.6, 0.0, 0.7),
 ])
 def test_quantized_fixture_model_answers_the_fixture_cases(fixture_model_dir, mode, group_size, max_error,
@@ -182,7 +182,8 @@ def test_quantized_fixture_model_answers_the_fixture_cases(fixture_model_dir, mo
                                    group_size=group_size)
     assert isinstance(model.llm.layers[0].mlp.language_expert.down, Int8Linear if mode == "int8" else Int4Linear)
     assert isinstance(model.vision.layers[0].mlp.fc1, Int8Linear if mode == "int8" else Int4Linear)
-    assert type(model.llm.lm_head) is torch.nn.Linear and type(model.llm.embed) is torch.nn.Embedding
+    assert type(model.llm.embed) is torch.nn.Embedding  # lm_head: int8 in int8 (no change to the tiny model's
+    assert type(model.llm.lm_head) is (Int8Linear if mode == "int8" else torch.nn.Linear)  # answers), kept for int4
     q = fixture_quality(model, reference)
     assert 1e-5 < q["logits_rel_err"] < max_error, q
     assert q["greedy_agreement"] >= min_agreement and q["first_token_agreement"] >= min_first, q
@@ -218,13 +219,15 @@ def test_weight_bytes_of_full_size_cogvlm_follow_from_the_shapes():
     rows = {"decoder": t.num_hidden_layers * 2 * (3 * d + d + 2 * f + d), "adapter": d + 2 * f + d,
             "vit": v.num_hidden_layers * (3 * dv + dv + fv + dv)}  # output channels
     for spec, codes, scales in [
-        (QuantSpec("int8", quantize_vision=False), decoder + adapter, rows["decoder"] + rows["adapter"]),
+        (QuantSpec("int8", quantize_vision=False), decoder + adapter + d * t.vocab_size,
+         rows["decoder"] + rows["adapter"] + t.vocab_size),  # int8 quantizes lm_head too
         (QuantSpec("int4", 128), (decoder + adapter + vit) / 2, 2 * (decoder + adapter + vit) / 128),
     ]:
         with torch.device("meta"):
             model = Network(cfg)
         quantize_model(model, spec)
-        quantized = decoder + adapter + (vit if spec.quantize_vision else 0)
+        quantized = decoder + adapter + (vit if spec.quantize_vision else 0) + (d * t.vocab_size if spec.mode == "int8"
+                                                                                else 0)
         assert weight_bytes(model) == 2 * (total - quantized) + codes + 2 * scales
 
 

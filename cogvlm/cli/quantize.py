@@ -14,7 +14,7 @@ EPILOG = """examples:
 SRC is a converted folder, a hub-layout folder or a hub id. The output is a converted folder whose config records
 the quantization; --model loads it quantized as it is (nothing is quantized again at start). Quantized: both
 experts' QKV, dense and MLP matrices in every decoder layer, the adapter, and the ViT's blocks unless
---no-quantize-vision; the embeddings, lm_head and norms keep the source dtype. See docs/quantize.md.
+--no-quantize-vision, and with int8 lm_head; the embeddings and norms keep the source dtype. See docs/quantize.md.
 """
 
 
