@@ -30,7 +30,7 @@ from cogvlm.quantize.linear import quantize_int8  # noqa: E402
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
          (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True), (16, 1024, 8, 1, True),
          (4, 1024, 2, 1, True), (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 2048, 4, 1, True),
-         (32, 1024, 4, 1, True), (16, 512, 2, 1, True), (8, 256, 2, 1, True)]
+         (32, 1024, 4, 1, True), (8, 256, 2, 1, True)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 

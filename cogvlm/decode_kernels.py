@@ -31,6 +31,7 @@ They run in Triton's CPU interpreter too (tests, `TRITON_INTERPRET=1`), without 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -84,7 +85,8 @@ if triton is not None:
                                        (4, 512, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
                                        (8, 1024, 4, 2), (32, 128, 4, 4), (64, 128, 8, 3),
                                        (8, 2048, 4, 1, True), (8, 1024, 4, 1, True), (16, 1024, 4, 1, True),
-                                       (8, 512, 4, 1, True), (16, 512, 4, 1, True), (4, 2048, 2, 1, True)]),
+                                       (8, 512, 4, 1, True), (16, 512, 4, 1, True), (4, 2048, 2, 1, True),
+                                       (16, 512, 2, 1, True)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL", "INT8"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, nw_ptr, r_ptr, y_ptr, N, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
@@ -285,11 +287,29 @@ def launch_options(device: torch.device, rows: int = 1) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+# Configurations measured faster than the autotuner's pick, per GPU and (N, K, NORM, GATE, RESIDUAL, INT8). The
+# autotuner times one launch at a time from a cold cache; a decode step runs its products back to back, each
+# starting under the previous one's tail (PDL), as bench/gemv_configs.py times them. On an H200 it found int8 QKV
+# (with the norm) 10 % faster in this configuration than in the autotuned one (docs/benchmarks.md, 2026-12-04).
+MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False, True): (16, 512, 2, 1, True)}}
+USE_MEASURED = os.environ.get("COGVLM_GEMV_MEASURED", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def measured_configs(device: torch.device) -> dict:
+    """This GPU's entries of MEASURED, as `triton.Config`s ({} elsewhere, or with COGVLM_GEMV_MEASURED=0)."""
+    if INTERPRETED or not USE_MEASURED or device.type != "cuda":
+        return {}
+    rows = MEASURED.get(torch.cuda.get_device_name(device), {})
+    return dict(zip(rows, _configs(list(rows.values()))))
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,
          residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, config=None) -> torch.Tensor:
     """(K,) x, (N, K) weight (or int8 codes with (N,) `scales`) -> (N,) y; with gate, weight is (2N', K) and y (N',).
     norm: (norm_weight (K,), eps) or None; residual: (N,) added at the end (y then has its dtype). config: a
-    `triton.Config` to launch with instead of the autotuned one (bench/gemv_configs.py)."""
+    `triton.Config` to launch with (default: this GPU's measured one for the shape, else the autotuned one;
+    bench/gemv_configs.py)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if gate else weight.shape[0]
     dtype = residual.dtype if residual is not None else out_dtype or (scales.dtype if scales is not None
@@ -300,6 +320,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
             norm is not None, gate, residual is not None, int8)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
+    config = config or measured_configs(x.device).get(args[6:8] + args[9:])
     if config is None:
         launch(_gemv, grid, lambda k: k, *args, **launch_options(x.device))
     else:
