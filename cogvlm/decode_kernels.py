@@ -201,48 +201,29 @@ if triton is not None:
         silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as eager rounds it
         tl.store(y_ptr + row * F + f, (silu * u).to(y_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def _cache_block(k_ptr, v_ptr, valid_ptr, bh, b, S, s0, end, d, d_ok, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Keys and values of the valid cache slots s0 .. s0 + BLOCK_S before `end` (BLOCK_S, D), and which they are;
-        nothing is read for the others."""
-        s = s0 + tl.arange(0, BLOCK_S)
-        valid = s < end
-        valid = valid & (tl.load(valid_ptr + b * S + s, mask=valid, other=0) != 0)
-        offsets = (bh * S + s)[:, None] * D + d[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)  # (both loads in flight)
-        return k, v, valid
-
     @triton.autotune(configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in
                               ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
     def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+        _wait_for_inputs(PDL)
         bh, c = tl.program_id(0), tl.program_id(1)
         n_chunks = tl.num_programs(1)
         b = bh // H
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        pos = tl.load(pos_ptr)  # (written before the step's first kernel)
-        start = c * CHUNK
-        end = tl.minimum(start + CHUNK, pos)  # the slots before pos, written by earlier steps
-        # Only slot pos depends on the previous kernel (rope_kv writes it): the chunk's first block of the earlier
-        # slots is read before waiting for it (with PDL, while rope_kv still runs), slot pos after.
-        k, v, valid = _cache_block(k_ptr, v_ptr, valid_ptr, bh, b, S, start, end, d, d_ok, D, BLOCK_S)
-        _wait_for_inputs(PDL)
         q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale
-        into = pos - start + 0 * d  # (per lane: Triton's interpreter takes no scalar in a mask)
-        mine = d_ok & (into >= 0) & (into < CHUNK)
-        k_pos = tl.load(k_ptr + (bh * S + pos) * D + d, mask=mine, other=0.0)
-        v_pos = tl.load(v_ptr + (bh * S + pos) * D + d, mask=mine, other=0.0)
+        pos = tl.load(pos_ptr)
         m = tl.max(tl.full((BLOCK_S,), -1e30, tl.float32), axis=0)  # running max (a float scalar)
         l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)  # running sum of exp
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for s0 in range(start, start + CHUNK, BLOCK_S):
-            at_pos = s0 + tl.arange(0, BLOCK_S) == pos  # the query's own slot is always seen
-            k = tl.where(at_pos[:, None], k_pos[None, :], k)
-            v = tl.where(at_pos[:, None], v_pos[None, :], v)
-            valid = valid | at_pos
+        for s0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            valid = (s < S) & (s <= pos)
+            valid = valid & ((tl.load(valid_ptr + b * S + s, mask=valid, other=0) != 0) | (s == pos))
+            offsets = (bh * S + s)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)  # (both loads in flight)
             scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1e30)
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             p = tl.where(valid, tl.exp(scores - m_new), 0.0)
@@ -250,7 +231,6 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
-            k, v, valid = _cache_block(k_ptr, v_ptr, valid_ptr, bh, b, S, s0 + BLOCK_S, end, d, d_ok, D, BLOCK_S)
         part = bh * n_chunks + c
         tl.store(o_ptr + part * D + d, acc, mask=d_ok)
         tl.store(m_ptr + part, m)
