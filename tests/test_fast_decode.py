@@ -97,6 +97,37 @@ def check_kernels() -> None:
         assert out.shape == q.shape and rel(out, want) < bound, f"attend {dtype}: {rel(out, want):.2e}"
 
 
+def check_measured() -> None:
+    """A measured configuration (`decode_kernels.MEASURED`) is found by (N, K, NORM, GATE, RESIDUAL, INT8) and launched
+    instead of the autotuned one; other shapes stay autotuned. Every measured configuration is in the autotuning
+    list, so `check_kernels` runs it."""
+    from cogvlm import decode_kernels as D
+    from cogvlm.quantize.linear import quantize_int8
+
+    listed = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, c.kwargs["WORDS"])
+              for c in D._gemv.configs}
+    for rows in D.MEASURED.values():
+        for key, row in rows.items():
+            assert len(key) == 6 and (tuple(row) + (False,))[:5] in listed, (key, row)
+    torch.manual_seed(0)
+    N, K = 40, 320
+    q8 = quantize_int8(torch.randn(N, K) * 0.05)
+    x, nw = torch.randn(K), torch.rand(K) + 0.5
+    want = F.linear(x * torch.rsqrt(x.pow(2).mean() + 1e-5) * nw, q8["weight"].float() * q8["scales"].float()[:, None])
+    chosen = D._gemv.configs[-1]
+    autotuned = []
+    real_launch, real_measured = D.launch, D.measured_configs
+    D.launch = lambda *a, **k: autotuned.append(a[0]) or real_launch(*a, **k)
+    D.measured_configs = lambda device: {(N, K, True, False, False, True): chosen}
+    try:
+        got = D.gemv(x, q8["weight"], q8["scales"], norm=(nw, 1e-5), out_dtype=torch.float32)
+        assert not autotuned and rel(got, want) < 1e-5  # the measured configuration ran
+        D.gemv(x, q8["weight"], q8["scales"], out_dtype=torch.float32)  # no norm: another key, autotuned
+        assert autotuned == [D._gemv]
+    finally:
+        D.launch, D.measured_configs = real_launch, real_measured
+
+
 def fixture_model():
     import tempfile
 
@@ -185,6 +216,10 @@ def run_interpreted(function: str) -> None:
 
 def test_decode_kernels_match_torch_in_the_interpreter():
     run_interpreted("check_kernels")
+
+
+def test_measured_configurations_replace_the_autotuned_pick_in_the_interpreter():
+    run_interpreted("check_measured")
 
 
 def test_fast_step_decodes_as_the_model_in_the_interpreter():
