@@ -1,9 +1,11 @@
 """Every configuration of the batch-1 decode step's product (`decode_kernels._gemv`), and candidates that are not
 in its autotuning list, at CogVLM-17B's four decoder shapes, bf16 and int8, against cuBLAS (bf16) and the int8
-layers' own product; the autotuned pick too. Each product rotates over copies of its weight that together exceed the
-L2 cache, so that every call reads its weight from memory, as in a decode step.
+layers' own product; the pick `gemv` makes too (autotuned, or this GPU's `decode_kernels.MEASURED` entry). Each
+product rotates over copies of its weight that together exceed the L2 cache, so that every call reads its weight
+from memory, as in a decode step; last, the `MEASURED` entry these timings suggest for this GPU (the shapes whose
+best configuration beats the pick by more than --margin).
 
-    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8]
+    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8] [--margin 0.03]
 
 (A few-row `tl.dot` version for batches 2-16, tried on an H200 on 2026-12-02, read 1.0-3.7 TB/s against cuBLAS's
 2.6-4.0 at 8 rows, and was dropped: docs/benchmarks.md.)
@@ -48,7 +50,7 @@ def describe(c) -> str:
 
 def cases(cfg, dtype: str):
     """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), its fp32 value
-    exact(weight), bytes, K)."""
+    exact(weight), bytes, K, the shape's key in decode_kernels.MEASURED)."""
     t = cfg.text
     d, f = t.hidden_size, t.intermediate_size
     x32 = torch.randn(f, device="cuda")
@@ -78,7 +80,8 @@ def cases(cfg, dtype: str):
             y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
             return y + r if r is not None else y
 
-        yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k
+        key = (n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")  # as decode_kernels.MEASURED's
+        yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k, key
 
 
 def rotating(fn, copies):
@@ -91,14 +94,16 @@ def main() -> None:
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"])
     ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--margin", type=float, default=0.03, help="how much faster a configuration must be to suggest it")
     args = ap.parse_args()
     cfg = CogVLMConfig.load(args.preset)
     copy = copy_bandwidth() / 1e9
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    print("| weights | product | reference | autotuned | autotuned vs fp32 | best configurations (GB/s) |")
+    print("| weights | product | reference | gemv's pick | its error vs fp32 | best configurations (GB/s) |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
+    faster = {}  # key -> the best configuration, where it beats the autotuned pick by more than --margin
     for dtype in args.dtypes:
-        for name, copies, fused, reference, exact, nbytes, k in cases(cfg, dtype):
+        for name, copies, fused, reference, exact, nbytes, k, key in cases(cfg, dtype):
             gbs = lambda s: nbytes / s / 1e9  # noqa: E731
             t_ref = graph_time(rotating(reference, copies))
             t_auto = graph_time(rotating(lambda wt: fused(wt, None), copies))
@@ -113,6 +118,13 @@ def main() -> None:
             best = ", ".join(f"{describe(c)}{' (' + tag + ')' if tag else ''}: {gbs(s):.0f}"
                              for s, c, tag in sorted(timed, key=lambda r: r[0])[: args.top])
             print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {err:.1e} | {best} |", flush=True)
+            t_best, c_best, _ = min(timed, key=lambda r: r[0]) if timed else (t_auto, None, "")
+            if t_auto > (1 + args.margin) * t_best:
+                kw = c_best.kwargs
+                faster[key] = (kw["BLOCK_N"], kw["BLOCK_K"], c_best.num_warps, c_best.num_stages, kw["WORDS"])
+    # (a configuration from the extra list must join _gemv's list too: the interpreter test runs only those)
+    print(f"\nMEASURED entry for this GPU (decode_kernels.MEASURED; best beats the autotuned pick by more than "
+          f"{args.margin:.0%}): {{{torch.cuda.get_device_name()!r}: {faster!r}}}")
 
 
 if __name__ == "__main__":
