@@ -91,8 +91,8 @@ def divisible_modules(cfg: CogVLMConfig, group: int, quantize_vision: bool) -> t
     """The target layers whose input width `group` divides (a tiny model is too narrow for int4's larger groups)."""
     with meta_device():
         model = Network(cfg)
-    names = select(target_patterns(quantize_vision), [n for n, m in model.named_modules()
-                                                      if isinstance(m, torch.nn.Linear)])
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = select(target_patterns("int4", quantize_vision), linears)
     return tuple(n for n in names if model.get_submodule(n).in_features % group == 0)
 
 

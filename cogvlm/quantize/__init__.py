@@ -6,9 +6,9 @@
 What is quantized (`target_patterns`): in every decoder layer both experts' QKV, dense and SwiGLU matrices, and the
 adapter's three matrices; with `quantize_vision` also the ViT's QKV, projection and MLP matrices; int8 also
 lm_head (a batch-1 decode step 28 us faster on an H200, no change to the tiny-shapes model's answers:
-docs/quantize.md). The embeddings, norms, biases, boi/eoi and the ViT's patch convolution stay in the compute dtype. The layers and their
-stored format are in `cogvlm.quantize.linear`; streaming a checkpoint into a quantized one in
-`cogvlm.quantize.checkpoint`.
+docs/quantize.md). The embeddings, norms, biases, boi/eoi and the ViT's patch convolution stay in the compute
+dtype. The layers and their stored format are in `cogvlm.quantize.linear`; streaming a checkpoint into a quantized
+one in `cogvlm.quantize.checkpoint`.
 
 A quantized checkpoint is an ordinary converted folder whose `cogvlm_config.json` has a `quantization` entry (mode,
 group size, scale dtype, the quantized module names): `load_model` applies the same swap from it, then reads the
@@ -35,13 +35,13 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_QUANTIZE_VISION = True
 DECODER_TARGETS = ("llm.layers",)  # every nn.Linear in a decoder layer: both experts' qkv, dense, gate_up, down
 ADAPTER_TARGETS = ("adapter",)
-VISION_TARGETS = ("vision.layers",)
-LM_HEAD_TARGETS = ("llm.lm_head",)  # int8 only  # qkv, proj, fc1, fc2 of each block (not the patch convolution)
+VISION_TARGETS = ("vision.layers",)  # qkv, proj, fc1, fc2 of each block (not the patch convolution)
+LM_HEAD_TARGETS = ("llm.lm_head",)  # int8 only
 CONFIG_KEY = "quantization"
 FORMAT_VERSION = 1
 
 
-def target_patterns(quantize_vision: bool = DEFAULT_QUANTIZE_VISION, mode: str = "int4") -> list[str]:
+def target_patterns(mode: str, quantize_vision: bool = DEFAULT_QUANTIZE_VISION) -> list[str]:
     head = LM_HEAD_TARGETS if mode == "int8" else ()
     return list(DECODER_TARGETS + ADAPTER_TARGETS + (VISION_TARGETS if quantize_vision else ()) + head)
 
@@ -111,7 +111,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     """Swap the chosen `nn.Linear`s for quantized ones; returns the spec with the module names filled in (also kept as
     `model.quantization`). On the meta device (before loading) the new layers are empty and the loader fills them;
     on a real model each weight is quantized now (then call `pack_model`)."""
-    patterns = list(spec.modules) if spec.modules else target_patterns(spec.quantize_vision, spec.mode)
+    patterns = list(spec.modules) if spec.modules else target_patterns(spec.mode, spec.quantize_vision)
     cls = LINEARS[spec.mode]
     extra = {"group_size": spec.group_size} if spec.mode == "int4" else {}
 
