@@ -286,3 +286,31 @@ def test_interleaved_generations_on_one_session_fail_loudly(model):
     assert len(model.generate(ids, max_new_tokens=4)[0]) == 4
     with pytest.raises(RuntimeError, match="another generation started"):
         next(older)
+
+
+def test_repetition_penalty_counts_the_generated_ids_too(model):
+    """Each generated id joins the penalised ones: with lm_head biased towards two ids the prompt lacks, a penalty
+    that makes a seen id lose to any unseen one must take the first, then the second; and greedy decoding with the
+    penalty equals a loop of full forward passes that applies HF's processor to the prompt and every id so far."""
+    conv = conversation(SINGLE[0])
+    batch = build_batch(model, [conv["image"]], [conv["query"]], [conv["history"]], conv["template"])
+    steps, penalty = 4, 1e6
+    vocab = model.llm.lm_head.out_features
+    first, second = [i for i in range(vocab - 1, 0, -1) if i not in set(batch["input_ids"][0].tolist())][:2]
+    bias = torch.zeros(vocab)
+    bias[first], bias[second] = 1000.0, 999.0
+    hook = model.llm.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    try:
+        got = model.generate(**batch, max_new_tokens=steps, repetition_penalty=penalty, eos_id=-1)[0]
+        ids, types, want = batch["input_ids"], batch["token_type_ids"], []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(ids, types, pixel_values=batch["pixel_values"]).logits[0, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[ids[0]] = True
+            want.append(int(torch.where(logits < 0, logits * penalty, logits / penalty).where(seen, logits).argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+            types = torch.cat([types, torch.zeros(1, 1, dtype=types.dtype)], dim=1)
+    finally:
+        hook.remove()
+    assert got[:2] == [first, second] and got == want
