@@ -80,7 +80,7 @@ def cases(cfg, dtype: str):
             y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
             return y + r if r is not None else y
 
-        key = (n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")  # as decode_kernels.MEASURED's
+        key = D.measured_key(n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")
         yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k, key
 
 

@@ -275,6 +275,11 @@ MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False, True): (16, 512, 2
 USE_MEASURED = os.environ.get("COGVLM_GEMV_MEASURED", "1") != "0"
 
 
+def measured_key(N: int, K: int, norm: bool, gate: bool, residual: bool, int8: bool) -> tuple:
+    """A product's key in MEASURED: N output channels (of the gate half with gate), K inputs, and its options."""
+    return N, K, norm, gate, residual, int8
+
+
 @functools.lru_cache(maxsize=None)
 def measured_configs(device: torch.device) -> dict:
     """This GPU's entries of MEASURED, as `triton.Config`s ({} elsewhere, or with COGVLM_GEMV_MEASURED=0)."""
@@ -300,7 +305,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = No
     args = (x, weight, scales if int8 else weight, norm_weight, residual if residual is not None else y, y, N, K, eps,
             norm is not None, gate, residual is not None, int8)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
-    config = config or measured_configs(x.device).get(args[6:8] + args[9:])
+    if config is None:
+        config = measured_configs(x.device).get(measured_key(N, K, norm is not None, gate, residual is not None, int8))
     if config is None:
         launch(_gemv, grid, lambda k: k, *args, **launch_options(x.device))
     else:

@@ -292,8 +292,9 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
     device = logits.device
     # Ids already present, for the repetition penalty (kept only with one). HF counts every prompt id (the image
     # placeholders too) but, unlike HF, never the left padding: a row is then penalised the same in a batch as alone.
-    seen = None
+    seen = rows = None
     if sampling["repetition_penalty"] != 1.0:
+        rows = torch.arange(B, device=device)
         seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
         b, t = attention_mask.bool().nonzero(as_tuple=True)
         seen[b.to(device), input_ids[b, t].to(device)] = True
@@ -320,7 +321,7 @@ def _decode(session, input_ids, token_type_ids, attention_mask, pixel_values, ma
         more = step < max_new_tokens - 1
         if more:
             if seen is not None:
-                seen[torch.arange(B, device=device), tokens] = True
+                seen[rows, tokens] = True
             if session.owner is not ticket:
                 raise RuntimeError("another generation started on this model's decode session while this one was "
                                    "still running; finish one before starting the next, or pass each its own "
