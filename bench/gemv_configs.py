@@ -1,11 +1,11 @@
 """Every configuration of the batch-1 decode step's product (`decode_kernels._gemv`), and candidates that are not
 in its autotuning list, at CogVLM-17B's four decoder shapes, bf16 and int8, against cuBLAS (bf16) and the int8
-layers' own product; the pick `gemv` makes too (autotuned, or this GPU's `decode_kernels.MEASURED` entry). Each
+layers' own product, and of the int4 product (`decode_int4._int4_gemv`, groups of 128) against tinygemm; the pick `gemv` makes too (autotuned, or this GPU's `decode_kernels.MEASURED` entry). Each
 product rotates over copies of its weight that together exceed the L2 cache, so that every call reads its weight
 from memory, as in a decode step; last, the `MEASURED` entry these timings suggest for this GPU (the shapes whose
 best configuration beats the pick by more than --margin).
 
-    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8] [--margin 0.03]
+    python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8 int4] [--margin 0.03]
 
 (A few-row `tl.dot` version for batches 2-16, tried on an H200 on 2026-12-02, read 1.0-3.7 TB/s against cuBLAS's
 2.6-4.0 at 8 rows, and was dropped: docs/benchmarks.md.)
@@ -23,27 +23,34 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench import copy_bandwidth  # noqa: E402
 from bench.quant_kernels import graph_time  # noqa: E402
+from cogvlm import decode_int4  # noqa: E402
 from cogvlm import decode_kernels as D  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.quantize import triton_mm  # noqa: E402
-from cogvlm.quantize.linear import quantize_int8  # noqa: E402
+from cogvlm.quantize.linear import Int4Linear, quantize_int8  # noqa: E402
 
 # candidates outside the list: (BLOCK_N, BLOCK_K, warps, stages[, WORDS]); see decode_kernels._configs
 EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (16, 512, 8, 2),
          (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True), (16, 1024, 8, 1, True),
          (4, 1024, 2, 1, True), (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 2048, 4, 1, True),
          (32, 1024, 4, 1, True), (8, 256, 2, 1, True)]
+EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
 def configs(dtype: str, k: int):
     """The list's configurations and the extra ones, each pruned as the kernel's autotuner prunes its own."""
+    if dtype == "int4":
+        extra = [triton_mm.triton.Config({"BLOCK_N": b, "TILES": t}, num_warps=w, num_stages=1) for b, t, w in EXTRA4]
+        return [(c, "") for c in decode_int4._int4_gemv.configs] + [(c, "extra") for c in extra]
     tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
     kept = D._prune([c for c, _ in tried], {"INT8": dtype == "int8", "K": k})
     return [(c, tag) for c, tag in tried if any(c is p for p in kept)]
 
 
 def describe(c) -> str:
+    if "TILES" in c.kwargs:
+        return f"{c.kwargs['BLOCK_N']}x{c.kwargs['TILES']} tiles w{c.num_warps}"
     words = " words" if c.kwargs["WORDS"] else ""
     return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}"
 
@@ -59,6 +66,9 @@ def cases(cfg, dtype: str):
                                    ("gate_up + norm + gate", 2 * f, d, True, True),
                                    ("down + residual", d, f, False, False)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        if dtype == "int4":
+            yield int4_case(name, w, x32, nw, norm, gate)
+            continue
         q8 = quantize_int8(w) if dtype == "int8" else None
         weight = q8["weight"] if q8 else w
         copies = [weight] + [weight.clone() for _ in range(max(1, L2_BYTES // (weight.numel() * weight.element_size())))]
@@ -82,6 +92,37 @@ def cases(cfg, dtype: str):
 
         key = D.measured_key(n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")
         yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k, key
+
+
+def int4_case(name, w, x32, nw, norm, gate):
+    """`cases`' row for the int4 product: tinygemm layers (groups of 128) as `Int4Linear` packs them on CUDA."""
+    n, k = w.shape
+    with torch.no_grad():
+        linear = torch.nn.Linear(k, n, bias=False, device=w.device, dtype=w.dtype)
+        linear.weight.copy_(w)
+    layer = Int4Linear.from_linear(linear, decode_path=True, group_size=128)
+    layer.pack_for(w.device, torch.bfloat16)
+    weight = (layer.packed, layer.scale_zeros)
+    nbytes = layer.packed.numel() * 4 + layer.scale_zeros.numel() * 2
+    copies = [weight] + [(weight[0].clone(), weight[1].clone()) for _ in range(max(1, L2_BYTES // nbytes))]
+    x = x32[:k] if norm else x32[:k].to(torch.bfloat16)
+    r = None if norm else x32[:n]
+    fused = lambda wt, config: decode_int4.gemv4(  # noqa: E731
+        x, wt[0], wt[1], norm=(nw, 1e-5) if norm else None, gate=gate, residual=r, out_dtype=torch.bfloat16,
+        config=config)
+    x2 = x.view(1, k).to(torch.bfloat16)
+    reference = lambda wt: layer._kernel_mm(x2, wt[1], wt[0])  # noqa: E731
+    dense = layer.dequantize(torch.float32)
+
+    def exact(wt):
+        xf = x.float()
+        if norm:
+            xf = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * nw.float()
+        y = F.linear(xf, dense)
+        y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
+        return y + r if r is not None else y
+
+    return name, copies, fused, reference, exact, nbytes, k, None
 
 
 def rotating(fn, copies):
@@ -119,7 +160,7 @@ def main() -> None:
                              for s, c, tag in sorted(timed, key=lambda r: r[0])[: args.top])
             print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {err:.1e} | {best} |", flush=True)
             t_best, c_best, _ = min(timed, key=lambda r: r[0]) if timed else (t_auto, None, "")
-            if t_auto > (1 + args.margin) * t_best:
+            if key is not None and t_auto > (1 + args.margin) * t_best:
                 kw = c_best.kwargs
                 faster[key] = (kw["BLOCK_N"], kw["BLOCK_K"], c_best.num_warps, c_best.num_stages, kw["WORDS"])
     # (a configuration from the extra list must join _gemv's list too: the interpreter test runs only those)

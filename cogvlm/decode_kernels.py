@@ -136,13 +136,20 @@ if triton is not None:
             y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
         if INT8:
             y *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if NORM:
-            y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        if GATE:
-            if INT8:
+            if GATE:
                 up *= tl.load(s_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
-            if NORM:
-                up *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        _finish(y, up, tl.sum(squares, axis=0), x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
+
+    @triton.jit
+    def _finish(y, up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM: tl.constexpr, GATE: tl.constexpr,
+                RESIDUAL: tl.constexpr):
+        """A one-row product's last lines (`_gemv`, `decode_int4`): the fp32 sums y (and up, with GATE) of channels
+        rn times the RMSNorm's scale from x's sum of squares, the SwiGLU gate, the residual add, the store."""
+        if NORM:
+            y *= tl.rsqrt(squares / K + eps)
+            if GATE:
+                up *= tl.rsqrt(squares / K + eps)
+        if GATE:
             gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the products in the layer's dtype, as eager
             up = up.to(y_ptr.dtype.element_ty).to(tl.float32)
             y = gate * tl.sigmoid(gate) * up

@@ -26,6 +26,7 @@ from torch import nn
 from .llm import DecoderLayer, RMSNorm, rope_tables
 from .visual_expert import SwiGLU, VisualExpertAttention, VisualExpertMLP
 
+FAST_INT4 = os.environ.get("COGVLM_DECODE_INT4", "1") != "0"  # int4 layers' one-row product in the step's kernel
 MAX_BATCH = 16  # at 8 rows as fast as the compiled layers (H200); beyond, not compared (they read 86 % at 32)
 STOCK = {"layer": DecoderLayer, "attn": VisualExpertAttention, "mlp": VisualExpertMLP, "attn_norm": RMSNorm,
          "mlp_norm": RMSNorm, "mlp.language_expert": SwiGLU}
@@ -89,10 +90,10 @@ class FastStep:
         for one row when the kernels read this layer's weight, else the add and the norm in one kernel, then the
         module."""
         x, pending = stream
-        weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
-        if weight is not None:
+        gemv, weight, scales = self.weights(linear, gate) if x.shape[0] == 1 else (None, None, None)
+        if gemv is not None:
             x = x if pending is None else x + pending
-            y = self.k.gemv(x.view(-1), weight, scales, norm=(norm.weight, norm.eps), gate=gate, out_dtype=self.dtype)
+            y = gemv(x.view(-1), weight, scales, norm=(norm.weight, norm.eps), gate=gate, out_dtype=self.dtype)
             return x, y.view(1, -1)
         x, h = self.k.add_norm(x, pending, norm.weight, norm.eps)
         y = linear(h[:, None]).squeeze(1)
@@ -101,19 +102,26 @@ class FastStep:
     def added(self, x, linear: nn.Module, h: torch.Tensor):
         """The stream x plus linear(h): added in the product's kernel for one row when the kernels read this layer's
         weight, else left pending for the next norm."""
-        weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None)
-        if weight is not None:
-            y = self.k.gemv(h.reshape(-1), weight, scales, residual=x.view(-1), out_dtype=self.dtype)
+        gemv, weight, scales = self.weights(linear) if x.shape[0] == 1 else (None, None, None)
+        if gemv is not None:
+            y = gemv(h.reshape(-1), weight, scales, residual=x.view(-1), out_dtype=self.dtype)
             return y.view(1, -1), None
         return x, linear(h.to(self.dtype)[:, None]).squeeze(1)
 
-    def weights(self, linear: nn.Module):
-        """(weight, scales) the kernels read: a plain linear layer's weight in the model's dtype (scales None), or an
-        int8 layer's codes and scales; (None, None) for anything else."""
-        from .quantize.linear import Int8Linear
+    def weights(self, linear: nn.Module, gate: bool = False):
+        """(product, weight, scales) of a layer the kernels read: a plain linear layer's weight in the model's dtype
+        (scales None) or an int8 layer's codes and scales (`decode_kernels.gemv`), an int4 layer's words in
+        tinygemm's layout and its scales and zeros (`decode_int4.gemv4`); (None, None, None) for anything else."""
+        from .quantize.linear import Int4Linear, Int8Linear
 
         if type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == self.dtype:
-            return linear.weight, None
+            return self.k.gemv, linear.weight, None
         if type(linear) is Int8Linear and linear.bias is None and linear.weight.dtype == torch.int8:
-            return linear.weight, linear.scales
-        return None, None
+            return self.k.gemv, linear.weight, linear.scales
+        if (type(linear) is Int4Linear and linear.bias is None and linear.rows_kernel and FAST_INT4
+                and linear.scale_zeros.dtype == self.dtype):
+            from . import decode_int4
+
+            if decode_int4.supported(linear.packed, linear.scale_zeros, linear.in_features, gate):
+                return decode_int4.gemv4, linear.packed, linear.scale_zeros
+        return None, None, None
