@@ -9,7 +9,9 @@ token takes the language expert), reading the same modules' weights:
     h   = [RMSNorm + gate|up product + SiLU gate]                 x = x + [down product]
     logits = [final RMSNorm + lm_head product]
 
-Where a projection is not a plain `nn.Linear` or an int8 layer (int4 layers, LoRA wrappers, anything swapped in), that
+An int4 layer of groups of whole tiles (128 or 256 inputs) runs its products in `cogvlm.decode_int4`'s kernel, with
+the same options (`COGVLM_DECODE_INT4=0`: through its module instead). Where a projection is not a plain
+`nn.Linear`, an int8 layer or such an int4 layer (smaller int4 groups, LoRA wrappers, anything swapped in), that
 projection runs through its own module, its residual add left pending for the next norm's kernel (`add_norm`: add and
 RMSNorm in one) and its SwiGLU gate in one kernel, and the rest keeps the kernels. At batches 2..MAX_BATCH the
 products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep the kernels. A model

@@ -65,11 +65,69 @@ def check_products() -> None:
     assert not decode_int4.supported(tinygemm_layout(unpack_nibbles(q["weight"])), torch.zeros(4, 16, 2), 256)
 
 
-def test_products_in_the_interpreter():
+def int4_layer(K: int, N: int, group_size: int, dtype: torch.dtype):
+    """An `Int4Linear` holding tinygemm's words as it does once packed on CUDA (the layout made on the CPU), and
+    its dequantized fp32 weight."""
+    from cogvlm.quantize.linear import Int4Linear, dequantize_int4, unpack_nibbles
+    from cogvlm.quantize.tinygemm import tinygemm_layout
+
+    layer = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False), decode_path=True, group_size=group_size)
+    w = dequantize_int4(layer.weight, layer.scales, layer.zeros, torch.float32)
+    packed = tinygemm_layout(unpack_nibbles(layer.weight))
+    scale_zeros = torch.stack([layer.scales, layer.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    for name in ("weight", "scales", "zeros"):
+        delattr(layer, name)
+    layer.register_buffer("packed", packed)
+    layer.register_buffer("scale_zeros", scale_zeros)
+    layer.kernel, layer.words_readable = "cuda", True
+    return layer, w
+
+
+def check_fast_step() -> None:
+    """The fast step's norm + product, and product + residual, on int4 layers: `gemv4`, where it applies."""
+    from types import SimpleNamespace
+
+    from cogvlm import decode_int4
+    from cogvlm import decode_kernels as D
+    from cogvlm.fast_decode import FastStep
+    from cogvlm.llm import RMSNorm
+
+    torch.manual_seed(0)
+    dtype = torch.float16  # (a dtype `int4_rows` supports, as the layers' rows kernel must)
+    step = FastStep(SimpleNamespace(dtype=dtype), None, D)
+    K, F_ = 256, 48
+    norm = RMSNorm(K, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    gate_up, w_gu = int4_layer(K, 2 * F_, 128, dtype)
+    down, w_down = int4_layer(256, K, 128, dtype)  # 256 inputs -> K
+    assert step.weights(gate_up, gate=True)[0] is decode_int4.gemv4
+    x, pending = torch.randn(1, K), torch.randn(1, K)
+    total, h = step.normed((x, pending), gate_up, norm, gate=True)
+    xn = (x + pending) * torch.rsqrt((x + pending).pow(2).mean() + 1e-5) * norm.weight
+    gu = F.linear(xn, w_gu)
+    assert torch.equal(total, x + pending) and rel(h, F.silu(gu[:, :F_]) * gu[:, F_:]) < 2e-3
+    a = torch.randn(1, 256).to(dtype)
+    stream, left = step.added(total, down, a)
+    assert left is None and stream.dtype == torch.float32
+    assert rel(stream, total + F.linear(a.float(), w_down).to(dtype).float()) < 1e-3
+    other, _ = int4_layer(K, K, 64, dtype)  # groups of half a tile: its own module (tinygemm's kernel)
+    assert step.weights(other) == (None, None, None)
+
+
+def run_interpreted(function: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", "import tests.test_decode_int4 as t; t.check_products()"],
+    done = subprocess.run([sys.executable, "-c", f"import tests.test_decode_int4 as t; t.{function}()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_products_in_the_interpreter():
+    run_interpreted("check_products")
+
+
+def test_the_fast_step_multiplies_int4_layers_in_the_interpreter():
+    run_interpreted("check_fast_step")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm's words and the compiled kernel need a CUDA GPU")
