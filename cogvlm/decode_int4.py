@@ -15,7 +15,10 @@ scale and zero once:
 
     sum_k x_k ((c_k - 8) s + z) = 128 s sum_k f_k x_k + (z - 136 s) sum_k x_k.
 
-Each tile's inputs are read once as 128 contiguous values and put in nibble order in registers (`_inputs`).
+Each tile's inputs are read once as 128 contiguous values and put in nibble order in registers (`_inputs`). Two
+autotuning options, not yet timed on a GPU, aim at the short loops' latency: AHEAD = 2 keeps two blocks of words in
+flight instead of one, and SPLIT shares a channel block's tiles out over 2-4 programs, each writing its sums to a
+workspace, the last of them to arrive adding them in order and finishing (`triton_mm.counters`, as `int4_rows`).
 Measured on an H200 (docs/benchmarks.md, 2026-12-04): 1.26-1.90 TB/s at the four decoder shapes in the measured
 configurations, about tinygemm's 1.27-1.83 (which has no norm, gate or residual); the int4 g128 step 2816 -> 2660 us
 (the bf16 step 3918). The loop spends ~4.1 sm_90 instructions a code (Triton 3.9: a byte permute and a multiply-add
@@ -30,9 +33,10 @@ import os
 
 import torch
 
-from .quantize.triton_mm import INTERPRETED, launch, triton
+from .quantize.triton_mm import INTERPRETED, counters, launch, triton
 
 K_TILE = 128  # inputs per tile of tinygemm's layout
+SPLIT_MAX = 4  # over the configurations below
 PDL = os.environ.get("COGVLM_INT4_PDL", "1") != "0"  # launched with programmatic dependent launch (as the others)
 
 if triton is not None:
@@ -79,7 +83,7 @@ if triton is not None:
         k = (t * 128)[:, None] + tl.arange(0, 128)[None, :]
         ok = (t < tiles)[:, None] & (k >= 0)
         x = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        squares = tl.sum(x * x, axis=1) if NORM else tl.sum(x, axis=1)
+        squares = tl.sum(x * x, axis=1)
         if NORM:
             x *= tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
         # input 32 i + 8 q + 2 a + b of a tile is nibble p = 4 b + q of word w = 4 a + i
@@ -104,41 +108,54 @@ if triton is not None:
         return tl.sum(128.0 * s * tl.sum(acc, axis=2) + (z - 136.0 * s) * x_sum[None, :], axis=1)
 
     def _configs(rows):
-        """(BLOCK_N, TILES, warps) -> configs."""
-        return [triton.Config({"BLOCK_N": b, "TILES": t}, num_warps=w, num_stages=1) for b, t, w in rows]
+        """(BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]) -> configs; AHEAD: blocks of words in flight ahead of the one in
+        use; SPLIT: programs a channel block's inputs are shared out over."""
+        return [triton.Config({"BLOCK_N": r[0], "TILES": r[1], "AHEAD": r[3] if len(r) > 3 else 1,
+                               "SPLIT": r[4] if len(r) > 4 else 1}, num_warps=r[2], num_stages=1) for r in rows]
 
-    # the last four: MEASURED's (below)
+    # (32, 4, 2) ... (64, 8, 8): MEASURED's (below) and the next; then two blocks ahead, not yet timed on a GPU
     @triton.autotune(configs=_configs([(8, 8, 2), (16, 8, 2), (16, 8, 4), (32, 8, 4), (16, 4, 2), (32, 4, 4),
                                        (8, 4, 1), (16, 2, 2), (32, 2, 2), (64, 4, 8), (8, 16, 4), (16, 16, 4),
-                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8)]),
+                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8), (32, 4, 2, 2), (32, 8, 8, 2),
+                                       (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2), (32, 8, 8, 1, 2),
+                                       (16, 4, 2, 2, 4), (32, 4, 4, 1, 4), (8, 2, 1, 1, 2)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL"])
     @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, N, K, NS, eps, G: tl.constexpr, NORM: tl.constexpr,
-                   GATE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TILES: tl.constexpr):
+    def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, NS, eps, G: tl.constexpr,
+                   NORM: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, AHEAD: tl.constexpr, SPLIT: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         tiles = K // 128
-        w16, tt = tl.arange(0, 16), tl.arange(0, TILES)
+        per = tl.cdiv(tl.cdiv(tiles, SPLIT), TILES) * TILES  # tiles a share (SPLIT: this program's is program_id 1)
+        first = tl.program_id(1) * per
+        end = tl.minimum(tiles, first + per)  # (its tiles: first .. end - 1)
+        w16, tt = tl.arange(0, 16), first + tl.arange(0, TILES)
         offsets = ((rn // 8) * tiles * 128 + (rn % 8) * 16)[:, None, None] + (tt * 128)[None, :, None] + w16[None,
                                                                                                             None, :]
         up = (N // 8) * tiles * 128  # the up channels' words (GATE: N % 8 == 0)
         k_word = 32 * (w16 % 4) + 2 * (w16 // 4)  # the input of nibble 0 of word w of a tile
-        # The weights do not depend on the previous kernel: the first block is read before waiting for it (PDL).
-        w, u = _block(w_ptr, offsets, n_ok, tt, tiles, GATE, up)
+        # The weights do not depend on the previous kernel: the first blocks are read before waiting for it (PDL);
+        # each step then asks for the block AHEAD blocks on (one or two: more bytes in flight for short loops).
+        w, u = _block(w_ptr, offsets, n_ok, tt, end, GATE, up)
+        if AHEAD == 2:
+            w1, u1 = _block(w_ptr, offsets + TILES * 128, n_ok, tt + TILES, end, GATE, up)
+        else:
+            w1, u1 = w, u
         _wait_for_inputs(PDL)
         y = tl.zeros((BLOCK_N,), dtype=tl.float32)
         y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         squares = tl.zeros((TILES,), dtype=tl.float32)
-        for t0 in range(0, tiles, TILES):
-            t = t0 + tt
-            w_next, u_next = _block(w_ptr, offsets + (t0 + TILES) * 128, n_ok, t + TILES, tiles, GATE, up)
+        for i in range(0, per, TILES):
+            t = tt + i
+            far = AHEAD * TILES
+            w_next, u_next = _block(w_ptr, offsets + (i + far) * 128, n_ok, t + far, end, GATE, up)
             even, odd = _nibbles_to_f32(w), _nibbles_to_f32(w >> 4)  # nibbles 0, 2, 4, 6 and 1, 3, 5, 7
             if GATE:
                 even_up, odd_up = _nibbles_to_f32(u), _nibbles_to_f32(u >> 4)
             acc = tl.zeros((BLOCK_N, TILES, 16), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, TILES, 16), dtype=tl.float32)
-            xs = _inputs(x_ptr, nw_ptr, t, tiles, NORM, TILES)
+            xs = _inputs(x_ptr, nw_ptr, t, end, NORM, TILES)
             if NORM:
                 squares += xs[8]
             x_sum = tl.zeros((TILES, 16), dtype=tl.float32)
@@ -149,12 +166,32 @@ if triton is not None:
                 if GATE:
                     acc_up += (even_up[p // 2] if p % 2 == 0 else odd_up[p // 2]) * x[None, :, :]
             x_tiles = tl.sum(x_sum, axis=1)
-            y += _tile_sums(acc, x_tiles, sz_ptr, rn, n_ok, t, tiles, NS, G)
+            y += _tile_sums(acc, x_tiles, sz_ptr, rn, n_ok, t, end, NS, G)
             if GATE:
-                y_up += _tile_sums(acc_up, x_tiles, sz_ptr, rn + N, n_ok, t, tiles, NS, G)
-            w, u = w_next, u_next
-        _finish(y, y_up, tl.sum(squares, axis=0), x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE,
-                RESIDUAL)
+                y_up += _tile_sums(acc_up, x_tiles, sz_ptr, rn + N, n_ok, t, end, NS, G)
+            if AHEAD == 2:
+                w, u, w1, u1 = w1, u1, w_next, u_next
+            else:
+                w, u = w_next, u_next
+        squares = tl.sum(squares, axis=0)
+        if SPLIT == 1:
+            _finish(y, y_up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
+        else:  # each share's sums to the workspace; the last share of the block to arrive adds them, in order
+            share, block = tl.program_id(1), tl.program_id(0)
+            tl.store(ws_ptr + (share * 2) * N + rn, y, mask=n_ok)
+            tl.store(ws_ptr + (share * 2 + 1) * N + rn, y_up, mask=n_ok)
+            tl.store(ws_ptr + 2 * SPLIT * N + share * tl.num_programs(0) + block, squares)
+            tl.debug_barrier()  # (every thread's stores issued before the count that publishes them)
+            if tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel") == SPLIT - 1:
+                y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                squares = 0.0
+                for j in range(SPLIT):
+                    y += tl.load(ws_ptr + (j * 2) * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                    y_up += tl.load(ws_ptr + (j * 2 + 1) * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                    squares += tl.load(ws_ptr + 2 * SPLIT * N + j * tl.num_programs(0) + block, cache_modifier=".cg")
+                _finish(y, y_up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
+                tl.atomic_xchg(cnt_ptr + block, 0)  # ready for the next call
 
 
 # Configurations measured faster than the autotuner's pick, per GPU and (N, K, NORM, GATE, RESIDUAL): as
@@ -196,9 +233,12 @@ def gemv4(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, norm
     dtype = residual.dtype if residual is not None else out_dtype or scale_zeros.dtype
     y = torch.empty(N, dtype=dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
-    args = (x, packed, scale_zeros, norm_weight, residual if residual is not None else y, y, N, K, NS, eps,
+    blocks = triton.cdiv(N, 4)  # (the most channel blocks a configuration makes: BLOCK_N >= 4)
+    ws = torch.empty(SPLIT_MAX * (2 * N + blocks), dtype=torch.float32, device=x.device)
+    cnt = counters(x.device, blocks, "decode_int4")
+    args = (x, packed, scale_zeros, norm_weight, residual if residual is not None else y, y, ws, cnt, N, K, NS, eps,
             K // scale_zeros.shape[0], norm is not None, gate, residual is not None)
-    grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)  # noqa: E731
+    grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]), c["SPLIT"])  # noqa: E731
     if config is None:
         config = measured_configs(x.device).get((N, K, norm is not None, gate, residual is not None))
     if config is None:
