@@ -34,16 +34,15 @@ EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (1
          (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True), (16, 1024, 8, 1, True),
          (4, 1024, 2, 1, True), (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 2048, 4, 1, True),
          (32, 1024, 4, 1, True), (8, 256, 2, 1, True)]
-# (BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]); see decode_int4._configs
-EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1), (32, 8, 8, 1, 4),
-          (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (8, 2, 1, 2, 2), (16, 4, 2, 1, 2)]
+# (BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]); see decode_int4._configs (its CANDIDATES are timed too)
+EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1), (8, 2, 1, 2, 2)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
 def configs(dtype: str, k: int):
     """The list's configurations and the extra ones, each pruned as the kernel's autotuner prunes its own."""
     if dtype == "int4":
-        extra = decode_int4._configs(EXTRA4)
+        extra = decode_int4.CANDIDATES + decode_int4._configs(EXTRA4)
         return [(c, "") for c in decode_int4._int4_gemv.configs] + [(c, "extra") for c in extra]
     tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
     kept = D._prune([c for c, _ in tried], {"INT8": dtype == "int8", "K": k})

@@ -16,7 +16,8 @@ scale and zero once:
     sum_k x_k ((c_k - 8) s + z) = 128 s sum_k f_k x_k + (z - 136 s) sum_k x_k.
 
 Each tile's inputs are read once as 128 contiguous values and put in nibble order in registers (`_inputs`). Two
-autotuning options, not yet timed on a GPU, aim at the short loops' latency: AHEAD = 2 keeps two blocks of words in
+options, not yet timed on a GPU (`CANDIDATES`, outside the autotuning list until they are), aim at the short loops'
+latency: AHEAD = 2 keeps two blocks of words in
 flight instead of one, and SPLIT shares a channel block's tiles out over 2-4 programs, each writing its sums to a
 workspace, the last of them to arrive adding them in order and finishing (`triton_mm.counters`, as `int4_rows`).
 Measured on an H200 (docs/benchmarks.md, 2026-12-04): 1.26-1.90 TB/s at the four decoder shapes in the measured
@@ -113,12 +114,16 @@ if triton is not None:
         return [triton.Config({"BLOCK_N": r[0], "TILES": r[1], "AHEAD": r[3] if len(r) > 3 else 1,
                                "SPLIT": r[4] if len(r) > 4 else 1}, num_warps=r[2], num_stages=1) for r in rows]
 
-    # (32, 4, 2) ... (64, 8, 8): MEASURED's (below) and the next; then two blocks ahead, not yet timed on a GPU
+    # With AHEAD = 2 or SPLIT > 1: candidates to time on a GPU (bench/gemv_configs.py) before any joins the
+    # autotuning list (the interpreter test runs them too)
+    CANDIDATES = _configs([(32, 4, 2, 2), (32, 8, 8, 2), (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2),
+                           (32, 8, 8, 1, 2), (16, 4, 2, 2, 4), (32, 4, 4, 1, 4), (8, 2, 1, 1, 2), (32, 8, 8, 1, 4),
+                           (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (16, 4, 2, 1, 2)])
+
+    # (32, 4, 2) ... (64, 8, 8): MEASURED's (below) and the next
     @triton.autotune(configs=_configs([(8, 8, 2), (16, 8, 2), (16, 8, 4), (32, 8, 4), (16, 4, 2), (32, 4, 4),
                                        (8, 4, 1), (16, 2, 2), (32, 2, 2), (64, 4, 8), (8, 16, 4), (16, 16, 4),
-                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8), (32, 4, 2, 2), (32, 8, 8, 2),
-                                       (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2), (32, 8, 8, 1, 2),
-                                       (16, 4, 2, 2, 4), (32, 4, 4, 1, 4), (8, 2, 1, 1, 2)]),
+                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL"])
     @triton.jit
     def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, NS, eps, G: tl.constexpr,

@@ -54,12 +54,15 @@ def check_products() -> None:
         scale_zeros = torch.stack([q["scales"], q["zeros"]], dim=-1).transpose(0, 1).contiguous()
         w = dequantize_int4(q["weight"], q["scales"], q["zeros"], torch.float32)
         assert decode_int4.supported(packed, scale_zeros, K, gate=N % 16 == 0)
-        for i in range(len(decode_int4._int4_gemv.configs)):
+        listed = len(decode_int4._int4_gemv.configs)
+        for i in range(listed + len(decode_int4.CANDIDATES)):  # the autotuning list's, then the candidates
             triton_mm.interpreted_config = i
+            config = None if i < listed else decode_int4.CANDIDATES[i - listed]
+            gemv4 = functools.partial(decode_int4.gemv4, config=config)
             # (fp32 sums of f = 1 + c / 128 and of x, taken apart at the end: ~1e-5 where exact codes give 1e-7)
-            for name, (got, want) in cases(decode_int4.gemv4, packed, scale_zeros, w, torch.float32).items():
+            for name, (got, want) in cases(gemv4, packed, scale_zeros, w, torch.float32).items():
                 assert got.shape == want.shape, name
-                assert rel(got, want) < 1e-4, (N, K, G, name, decode_int4._int4_gemv.configs[i], rel(got, want))
+                assert rel(got, want) < 1e-4, (N, K, G, name, i, rel(got, want))
     assert not decode_int4.supported(packed, scale_zeros[:, :8], K, gate=True)  # halves of whole groups of 8 only
     q = quantize_int4(torch.randn(16, 256), 64)  # groups of half a tile: not read
     assert not decode_int4.supported(tinygemm_layout(unpack_nibbles(q["weight"])), torch.zeros(4, 16, 2), 256)
@@ -132,13 +135,14 @@ def test_the_fast_step_multiplies_int4_layers_in_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm's words and the compiled kernel need a CUDA GPU")
 def test_on_the_gpu_every_configuration_matches_the_dequantized_weight():
-    """Groups of 128: every configuration; groups of 256: the configuration `gemv4` picks."""
+    """Groups of 128: every configuration of the autotuning list and the candidates; groups of 256: the
+    configuration `gemv4` picks."""
     from cogvlm import decode_int4
     from cogvlm.quantize.linear import Int4Linear
 
     dev = torch.device("cuda")
     gen = torch.Generator(dev).manual_seed(0)
-    for group_size, configs in ((128, decode_int4._int4_gemv.configs), (256, [None])):
+    for group_size, configs in ((128, decode_int4._int4_gemv.configs + decode_int4.CANDIDATES), (256, [None])):
         for N, K in ((1040, 4096), (4096, 11008)):
             layer = Int4Linear.from_linear(torch.nn.Linear(K, N, bias=False).to(dev, torch.bfloat16),
                                            decode_path=True, group_size=group_size)
