@@ -209,12 +209,9 @@ MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False): (32, 4, 2), (4096
 @functools.lru_cache(maxsize=None)
 def measured_configs(device: torch.device) -> dict:
     """This GPU's entries of MEASURED as `triton.Config`s ({} elsewhere, or with COGVLM_GEMV_MEASURED=0)."""
-    from .decode_kernels import USE_MEASURED
+    from .decode_kernels import measured_entries
 
-    if INTERPRETED or not USE_MEASURED or device.type != "cuda":
-        return {}
-    rows = MEASURED.get(torch.cuda.get_device_name(device), {})
-    return dict(zip(rows, _configs(list(rows.values()))))
+    return measured_entries(device, MEASURED, _configs)
 
 
 def supported(packed: torch.Tensor, scale_zeros: torch.Tensor, K: int, gate: bool = False) -> bool:

@@ -287,13 +287,19 @@ def measured_key(N: int, K: int, norm: bool, gate: bool, residual: bool, int8: b
     return N, K, norm, gate, residual, int8
 
 
-@functools.lru_cache(maxsize=None)
-def measured_configs(device: torch.device) -> dict:
-    """This GPU's entries of MEASURED, as `triton.Config`s ({} elsewhere, or with COGVLM_GEMV_MEASURED=0)."""
+def measured_entries(device: torch.device, table: dict, make) -> dict:
+    """This GPU's entries of a table like MEASURED, as `triton.Config`s by `make` ({} elsewhere, in the
+    interpreter, or with COGVLM_GEMV_MEASURED=0)."""
     if INTERPRETED or not USE_MEASURED or device.type != "cuda":
         return {}
-    rows = MEASURED.get(torch.cuda.get_device_name(device), {})
-    return dict(zip(rows, _configs(list(rows.values()))))
+    rows = table.get(torch.cuda.get_device_name(device), {})
+    return dict(zip(rows, make(list(rows.values()))))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_configs(device: torch.device) -> dict:
+    """This GPU's entries of MEASURED, as `triton.Config`s."""
+    return measured_entries(device, MEASURED, _configs)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, norm=None, gate: bool = False,

@@ -4,16 +4,12 @@ the compiled kernel against tinygemm's layout as `Int4Linear` packs it, and insi
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpreter import run_interpreted
 
 
 def rel(a, b) -> float:
@@ -118,19 +114,12 @@ def check_fast_step() -> None:
     assert step.weights(other) == (None, None, None)
 
 
-def run_interpreted(function: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", f"import tests.test_decode_int4 as t; t.{function}()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_products_in_the_interpreter():
-    run_interpreted("check_products")
+    run_interpreted("test_decode_int4", "check_products")
 
 
 def test_the_fast_step_multiplies_int4_layers_in_the_interpreter():
-    run_interpreted("check_fast_step")
+    run_interpreted("test_decode_int4", "check_fast_step")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm's words and the compiled kernel need a CUDA GPU")

@@ -5,15 +5,13 @@ layers and a swapped-in projection (the per-projection fallback), and when the f
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpreter import run_interpreted
 
 
 def rel(a, b) -> float:
@@ -207,23 +205,16 @@ def check_decode_steps() -> None:
     assert FastStep.build(model, 1, caches) is None
 
 
-def run_interpreted(function: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", f"import tests.test_fast_decode as t; t.{function}()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_decode_kernels_match_torch_in_the_interpreter():
-    run_interpreted("check_kernels")
+    run_interpreted("test_fast_decode", "check_kernels")
 
 
 def test_measured_configurations_replace_the_autotuned_pick_in_the_interpreter():
-    run_interpreted("check_measured")
+    run_interpreted("test_fast_decode", "check_measured")
 
 
 def test_fast_step_decodes_as_the_model_in_the_interpreter():
-    run_interpreted("check_decode_steps")
+    run_interpreted("test_fast_decode", "check_decode_steps")
 
 
 def test_sessions_on_the_cpu_keep_the_model_step():

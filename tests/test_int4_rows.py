@@ -2,15 +2,10 @@
 (Triton's CPU interpreter, every configuration of the kernel's list; on a GPU, against tinygemm itself)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpreter import run_interpreted
 
 
 def check_products() -> None:
@@ -41,10 +36,7 @@ def check_products() -> None:
 
 
 def test_products_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", "import tests.test_int4_rows as t; t.check_products()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("test_int4_rows", "check_products")
 
 
 def test_only_groups_of_whole_tiles_are_supported():

@@ -3,17 +3,11 @@ it against `dequantize_int4` (Triton's CPU interpreter; on a GPU, torch's packin
 tinygemm's)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from cogvlm.quantize.tinygemm import tinygemm_layout
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpreter import run_interpreted
 
 
 def _word(nibbles):
@@ -60,10 +54,7 @@ def check_dequantize() -> None:
 
 
 def test_the_weight_dequantized_from_the_words_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", "import tests.test_tinygemm as t; t.check_dequantize()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("test_tinygemm", "check_dequantize")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm's packing and kernel need a CUDA GPU")

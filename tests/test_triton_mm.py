@@ -5,16 +5,11 @@ which has no bf16, so the several-row kernels are checked in fp16 (their code do
 rounds to bf16 by truncation, so the bound is the dtype's epsilon rather than half of it."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpreter import run_interpreted
 
 
 def check_every_config() -> None:
@@ -46,10 +41,7 @@ def check_every_config() -> None:
 
 
 def test_kernels_match_the_dequantized_weight_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", "import tests.test_triton_mm as t; t.check_every_config()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("test_triton_mm", "check_every_config")
 
 
 def test_the_kernels_are_off_on_the_cpu_and_with_cogvlm_triton_0(monkeypatch):
