@@ -37,7 +37,6 @@ import torch
 from .quantize.triton_mm import INTERPRETED, counters, launch, triton
 
 K_TILE = 128  # inputs per tile of tinygemm's layout
-SPLIT_MAX = 4  # over the configurations below
 PDL = os.environ.get("COGVLM_INT4_PDL", "1") != "0"  # launched with programmatic dependent launch (as the others)
 
 if triton is not None:
@@ -198,6 +197,8 @@ if triton is not None:
                 _finish(y, y_up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
                 tl.atomic_xchg(cnt_ptr + block, 0)  # ready for the next call
 
+    LISTED_SPLIT = max(c.kwargs["SPLIT"] for c in _int4_gemv.configs)  # (1: no list entry splits its inputs yet)
+
 
 # Configurations measured faster than the autotuner's pick, per GPU and (N, K, NORM, GATE, RESIDUAL): as
 # `decode_kernels.MEASURED`, from bench/gemv_configs.py --dtypes int4 on an H200 (docs/benchmarks.md, 2026-12-04):
@@ -235,18 +236,22 @@ def gemv4(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, norm
     dtype = residual.dtype if residual is not None else out_dtype or scale_zeros.dtype
     y = torch.empty(N, dtype=dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
+    if config is None:
+        config = measured_configs(x.device).get((N, K, norm is not None, gate, residual is not None))
+    # a workspace and counters only where a share of the inputs may be split off (SPLIT > 1: the given
+    # configuration's, else the autotuning list's largest)
+    split = config.kwargs["SPLIT"] if config is not None else LISTED_SPLIT
     blocks = triton.cdiv(N, 4)  # (the most channel blocks a configuration makes: BLOCK_N >= 4)
-    ws = torch.empty(SPLIT_MAX * (2 * N + blocks), dtype=torch.float32, device=x.device)
-    cnt = counters(x.device, blocks, "decode_int4")
+    ws, cnt = ((torch.empty(split * (2 * N + blocks), dtype=torch.float32, device=x.device),
+                counters(x.device, blocks, "decode_int4")) if split > 1 else (y, y))
     args = (x, packed, scale_zeros, norm_weight, residual if residual is not None else y, y, ws, cnt, N, K, NS, eps,
             K // scale_zeros.shape[0], norm is not None, gate, residual is not None)
     grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]), c["SPLIT"])  # noqa: E731
+    options = launch_options(x.device) if PDL else {"PDL": False}
     if config is None:
-        config = measured_configs(x.device).get((N, K, norm is not None, gate, residual is not None))
-    if config is None:
-        launch(_int4_gemv, grid, lambda k: k, *args, **launch_options(x.device, 1 if PDL else 0))
+        launch(_int4_gemv, grid, lambda k: k, *args, **options)
     else:
-        _int4_gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs(), **launch_options(x.device, 1 if PDL else 0))
+        _int4_gemv.fn[grid(config.kwargs)](*args, **config.all_kwargs(), **options)
     return y
 
 
