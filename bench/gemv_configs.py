@@ -1,9 +1,10 @@
 """Every configuration of the batch-1 decode step's product (`decode_kernels._gemv`), and candidates that are not
 in its autotuning list, at CogVLM-17B's four decoder shapes, bf16 and int8, against cuBLAS (bf16) and the int8
-layers' own product, and of the int4 product (`decode_int4._int4_gemv`, groups of 128) against tinygemm; the pick `gemv` makes too (autotuned, or this GPU's `decode_kernels.MEASURED` entry). Each
-product rotates over copies of its weight that together exceed the L2 cache, so that every call reads its weight
-from memory, as in a decode step; last, the `MEASURED` entry these timings suggest for this GPU (the shapes whose
-best configuration beats the pick by more than --margin).
+layers' own product; and of the int4 product (`decode_int4._int4_gemv`, groups of 128) against tinygemm. The pick
+the product makes is timed too (autotuned, or this GPU's `MEASURED` entry). Each product rotates over copies of its
+weight that together exceed the L2 cache, so that every call reads its weight from memory, as in a decode step;
+last, the `MEASURED` entries these timings suggest for this GPU (`decode_kernels.MEASURED` for bf16 and int8,
+`decode_int4.MEASURED` for int4: the shapes whose best configuration beats the pick by more than --margin).
 
     python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8 int4] [--margin 0.03]
 
@@ -59,8 +60,8 @@ def describe(c) -> str:
 
 
 def cases(cfg, dtype: str):
-    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), its fp32 value
-    exact(weight), bytes, K, the shape's key in decode_kernels.MEASURED)."""
+    """(name, weights (rotated), call(weight, config) for the fused kernel, reference call(weight), its fp32
+    value, bytes, K, the shape's key in MEASURED)."""
     t = cfg.text
     d, f = t.hidden_size, t.intermediate_size
     x32 = torch.randn(f, device="cuda")
@@ -84,17 +85,20 @@ def cases(cfg, dtype: str):
         x2 = x.view(1, k).to(torch.bfloat16)
         reference = ((lambda wt, x2=x2: triton_mm.int8_mm(x2, wt, scales)) if q8 else
                      (lambda wt, x2=x2: F.linear(x2, wt)))
-
-        def exact(wt, x=x, r=r, norm=norm, gate=gate):  # fp32, from the (dequantized) weight
-            xf = x.float()
-            if norm:
-                xf = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * nw.float()
-            y = F.linear(xf, wt.float() * scales.float()[:, None] if scales is not None else wt.float())
-            y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
-            return y + r if r is not None else y
-
+        dense = weight.float() * scales.float()[:, None] if q8 else weight.float()
+        exact = fp32_product(x, dense, nw if norm else None, gate, r)
         key = D.measured_key(n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")
         yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k, key
+
+
+def fp32_product(x, dense, norm_weight, gate, residual):
+    """The product's value in fp32 from the (dequantized) weight `dense`: what every kernel is compared with."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * norm_weight.float()
+    y = F.linear(xf, dense)
+    y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
+    return y + residual if residual is not None else y
 
 
 def int4_case(name, w, x32, nw, norm, gate):
@@ -115,17 +119,8 @@ def int4_case(name, w, x32, nw, norm, gate):
         config=config)
     x2 = x.view(1, k).to(torch.bfloat16)
     reference = lambda wt: layer._kernel_mm(x2, wt[1], wt[0])  # noqa: E731
-    dense = layer.dequantize(torch.float32)
-
-    def exact(wt):
-        xf = x.float()
-        if norm:
-            xf = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * nw.float()
-        y = F.linear(xf, dense)
-        y = F.silu(y[: len(y) // 2]) * y[len(y) // 2:] if gate else y
-        return y + r if r is not None else y
-
-    return name, copies, fused, reference, exact, nbytes, k, None
+    exact = fp32_product(x, layer.dequantize(torch.float32), nw if norm else None, gate, r)
+    return name, copies, fused, reference, exact, nbytes, k, (n // 2 if gate else n, k, norm, gate, not norm)
 
 
 def rotating(fn, copies):
@@ -145,13 +140,13 @@ def main() -> None:
     print(f"copy bandwidth {copy:.0f} GB/s ({torch.cuda.get_device_name()}, torch {torch.__version__})")
     print("| weights | product | reference | gemv's pick | its error vs fp32 | best configurations (GB/s) |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
-    faster = {}  # key -> the best configuration, where it beats the autotuned pick by more than --margin
+    faster = {"int8/bf16": {}, "int4": {}}  # key -> the best configuration, where it beats the pick by > --margin
     for dtype in args.dtypes:
         for name, copies, fused, reference, exact, nbytes, k, key in cases(cfg, dtype):
             gbs = lambda s: nbytes / s / 1e9  # noqa: E731
             t_ref = graph_time(rotating(reference, copies))
             t_auto = graph_time(rotating(lambda wt: fused(wt, None), copies))
-            got, want = fused(copies[0], None).float(), exact(copies[0])
+            got, want = fused(copies[0], None).float(), exact
             err = ((got - want).norm() / want.norm()).item()
             timed = []
             for config, tag in configs(dtype, k):
@@ -163,12 +158,24 @@ def main() -> None:
                              for s, c, tag in sorted(timed, key=lambda r: r[0])[: args.top])
             print(f"| {dtype} | {name} | {gbs(t_ref):.0f} | {gbs(t_auto):.0f} | {err:.1e} | {best} |", flush=True)
             t_best, c_best, _ = min(timed, key=lambda r: r[0]) if timed else (t_auto, None, "")
-            if key is not None and t_auto > (1 + args.margin) * t_best:
-                kw = c_best.kwargs
-                faster[key] = (kw["BLOCK_N"], kw["BLOCK_K"], c_best.num_warps, c_best.num_stages, kw["WORDS"])
-    # (a configuration from the extra list must join _gemv's list too: the interpreter test runs only those)
-    print(f"\nMEASURED entry for this GPU (decode_kernels.MEASURED; best beats the autotuned pick by more than "
-          f"{args.margin:.0%}): {{{torch.cuda.get_device_name()!r}: {faster!r}}}")
+            if t_auto > (1 + args.margin) * t_best:
+                table = "int4" if dtype == "int4" else "int8/bf16"
+                faster[table][key] = entry(c_best)
+    # (a configuration from the extra list must join the kernel's own list too: the interpreter tests run only those)
+    for table, module in (("int8/bf16", "decode_kernels"), ("int4", "decode_int4")):
+        if any(d in args.dtypes for d in table.split("/")):
+            print(f"\n{module}.MEASURED entry for this GPU (best beats the pick by more than {args.margin:.0%}): "
+                  f"{{{torch.cuda.get_device_name()!r}: {faster[table]!r}}}")
+
+
+def entry(c) -> tuple:
+    """A configuration as a MEASURED value: (BLOCK_N, BLOCK_K, warps, stages, WORDS), or for int4 (BLOCK_N, TILES,
+    warps[, AHEAD, SPLIT])."""
+    kw = c.kwargs
+    if "TILES" in kw:
+        extra = (kw["AHEAD"], kw["SPLIT"]) if (kw["AHEAD"], kw["SPLIT"]) != (1, 1) else ()
+        return (kw["BLOCK_N"], kw["TILES"], c.num_warps) + extra
+    return kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages, kw["WORDS"]
 
 
 if __name__ == "__main__":
