@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from cogvlm import CogVLM  # noqa: E402
 from cogvlm.config import CogVLMConfig  # noqa: E402
 from cogvlm.model import CogVLM as Network  # noqa: E402
-from cogvlm.quantize import QuantSpec, pack_model, quantize_model, target_patterns, weight_bytes  # noqa: E402
+from cogvlm.quantize import LM_HEAD_TARGETS, QuantSpec, pack_model, quantize_model, target_patterns, weight_bytes  # noqa: E402
 from cogvlm.swap import select  # noqa: E402
 from cogvlm.meta import meta_device  # noqa: E402
 from cogvlm.speed import compile_layers  # noqa: E402
@@ -88,12 +88,13 @@ def print_memory(rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------- accuracy (CPU)
 def divisible_modules(cfg: CogVLMConfig, group: int, quantize_vision: bool) -> tuple[str, ...]:
-    """The target layers whose input width `group` divides (a tiny model is too narrow for int4's larger groups)."""
+    """The target layers whose input width `group` divides (a tiny model is too narrow for int4's larger groups), and
+    lm_head (int8 under both modes: no groups)."""
     with meta_device():
         model = Network(cfg)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     names = select(target_patterns("int4", quantize_vision), linears)
-    return tuple(n for n in names if model.get_submodule(n).in_features % group == 0)
+    return tuple(n for n in names if n in LM_HEAD_TARGETS or model.get_submodule(n).in_features % group == 0)
 
 
 def load_mode(path, mode: str):

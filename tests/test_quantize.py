@@ -182,8 +182,8 @@ def test_quantized_fixture_model_answers_the_fixture_cases(fixture_model_dir, mo
                                    group_size=group_size)
     assert isinstance(model.llm.layers[0].mlp.language_expert.down, Int8Linear if mode == "int8" else Int4Linear)
     assert isinstance(model.vision.layers[0].mlp.fc1, Int8Linear if mode == "int8" else Int4Linear)
-    assert type(model.llm.embed) is torch.nn.Embedding  # lm_head: int8 in int8 (no change to the tiny model's
-    assert type(model.llm.lm_head) is (Int8Linear if mode == "int8" else torch.nn.Linear)  # answers), kept for int4
+    assert type(model.llm.embed) is torch.nn.Embedding
+    assert type(model.llm.lm_head) is Int8Linear  # lm_head in int8 under both modes
     q = fixture_quality(model, reference)
     assert 1e-5 < q["logits_rel_err"] < max_error, q
     assert q["greedy_agreement"] >= min_agreement and q["first_token_agreement"] >= min_first, q
@@ -199,7 +199,7 @@ def test_on_the_fly_loading_equals_quantizing_the_loaded_model(fixture_model_dir
     model = CogVLM.from_pretrained(fixture_model_dir, device="cpu", dtype=torch.float32)
     spec = quantize_model(model, QuantSpec("int4", 32))
     pack_model(model)
-    assert spec == on_the_fly.quantization and len(spec.modules) == 2 * 8 + 3 + 2 * 4
+    assert spec == on_the_fly.quantization and len(spec.modules) == 2 * 8 + 3 + 2 * 4 + 1  # (+ lm_head)
     a, b = on_the_fly.state_dict(), model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -221,13 +221,13 @@ def test_weight_bytes_of_full_size_cogvlm_follow_from_the_shapes():
     for spec, codes, scales in [
         (QuantSpec("int8", quantize_vision=False), decoder + adapter + d * t.vocab_size,
          rows["decoder"] + rows["adapter"] + t.vocab_size),  # int8 quantizes lm_head too
-        (QuantSpec("int4", 128), (decoder + adapter + vit) / 2, 2 * (decoder + adapter + vit) / 128),
+        (QuantSpec("int4", 128), (decoder + adapter + vit) / 2 + d * t.vocab_size,
+         2 * (decoder + adapter + vit) / 128 + t.vocab_size),  # lm_head in int8 under int4 too
     ]:
         with torch.device("meta"):
             model = Network(cfg)
         quantize_model(model, spec)
-        quantized = decoder + adapter + (vit if spec.quantize_vision else 0) + (d * t.vocab_size if spec.mode == "int8"
-                                                                                else 0)
+        quantized = decoder + adapter + (vit if spec.quantize_vision else 0) + d * t.vocab_size
         assert weight_bytes(model) == 2 * (total - quantized) + codes + 2 * scales
 
 

@@ -53,13 +53,14 @@ def test_round_trip_written_checkpoint_equals_on_the_fly(tmp_path, mode, group_s
     meta = json.loads((dst / "cogvlm_config.json").read_text())["quantization"]
     assert (meta["mode"], meta["group_size"], meta["quantize_vision"]) == (mode, group_size, True)
     assert "llm.layers.1.mlp.language_expert.down" in meta["modules"]
-    assert ("llm.lm_head" in meta["modules"]) == (mode == "int8")  # int8 quantizes lm_head too, int4 keeps it
+    assert "llm.lm_head" in meta["modules"]  # in int8 under both modes
     assert (dst / "tokenizer.model").exists()
     stored = {}
     for f in dst.glob("*.safetensors"):
         stored.update(load_file(str(f)))
     layer = "llm.layers.0.attn.language_expert_qkv"
     assert stored[f"{layer}.weight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert stored["llm.lm_head.weight"].dtype == torch.int8
     assert stored[f"{layer}.scales"].dtype == torch.bfloat16
     assert stored["llm.embed.weight"].dtype == torch.float16  # the rest as the source stores it
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
@@ -86,6 +87,30 @@ def test_quantizing_a_hub_layout_folder_equals_quantizing_its_conversion(tmp_pat
     a, b = (CogVLM.from_pretrained(p, device="cpu", dtype=torch.float32) for p in (direct, converted))
     assert type(a.vision.layers[0].mlp.fc1) is torch.nn.Linear  # --no-quantize-vision
     assert torch.equal(logits(a), logits(b))
+
+
+def test_an_int4_checkpoint_written_before_lm_head_was_quantized_loads_with_its_lm_head_as_stored(tmp_path):
+    """Before 2026-12-05 int4 kept lm_head in the compute dtype: such a folder's config does not list it, and it loads
+    as it was written (the module list, not today's defaults, decides what is swapped)."""
+    dst = quantize_checkpoint(TINY_SHAPES, tmp_path / "q", "int4", 32)
+    config = json.loads((dst / "cogvlm_config.json").read_text())
+    config["quantization"]["modules"].remove("llm.lm_head")
+    (dst / "cogvlm_config.json").write_text(json.dumps(config))
+    source = {}
+    for f in TINY_SHAPES.glob("*.safetensors"):
+        source.update(load_file(str(f)))
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"].pop("llm.lm_head.scales")
+    tensors = load_file(str(shard))
+    del tensors["llm.lm_head.scales"]
+    tensors["llm.lm_head.weight"] = source["llm.lm_head.weight"]
+    save_file(tensors, str(shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    model = CogVLM.from_pretrained(dst, device="cpu", dtype=torch.float32)
+    assert type(model.llm.lm_head) is torch.nn.Linear
+    assert torch.equal(model.llm.lm_head.weight, source["llm.lm_head.weight"].float())
+    assert isinstance(model.llm.layers[0].attn.language_expert_qkv, Int4Linear)
 
 
 def test_a_missing_scale_is_named(tmp_path):

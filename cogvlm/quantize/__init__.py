@@ -4,9 +4,9 @@
     cogvlm quantize SRC DST --mode int4 --group-size 128                  # once, to a file that then loads as it is
 
 What is quantized (`target_patterns`): in every decoder layer both experts' QKV, dense and SwiGLU matrices, and the
-adapter's three matrices; with `quantize_vision` also the ViT's QKV, projection and MLP matrices; int8 also
-lm_head (a batch-1 decode step 28 us faster on an H200, no change to the tiny-shapes model's answers:
-docs/quantize.md). The embeddings, norms, biases, boi/eoi and the ViT's patch convolution stay in the compute
+adapter's three matrices; with `quantize_vision` also the ViT's QKV, projection and MLP matrices; and lm_head, in
+int8 under both modes (a batch-1 decode step 28 us faster on an H200 and 131 MB less; no change to the tiny-shapes
+model's answers: docs/quantize.md). The embeddings, norms, biases, boi/eoi and the ViT's patch convolution stay in the compute
 dtype. The layers and their stored format are in `cogvlm.quantize.linear`; streaming a checkpoint into a quantized
 one in `cogvlm.quantize.checkpoint`.
 
@@ -24,7 +24,7 @@ from torch import nn
 from ..kept import release_session
 from ..shards import CheckpointError
 from ..swap import replace_modules, set_submodule
-from .linear import GROUP_SIZES, LINEARS, MODES, Int4Linear, Int8Linear, QuantizedLinear, check_group_size
+from .linear import GROUP_SIZES, MODES, Int4Linear, Int8Linear, QuantizedLinear, check_group_size
 
 __all__ = ["QuantSpec", "quantize_model", "pack_model", "dequantize_model", "check_device", "requested_spec", "weight_bytes",
            "target_patterns", "Int8Linear", "Int4Linear", "QuantizedLinear", "MODES", "GROUP_SIZES"]
@@ -36,14 +36,13 @@ DEFAULT_QUANTIZE_VISION = True
 DECODER_TARGETS = ("llm.layers",)  # every nn.Linear in a decoder layer: both experts' qkv, dense, gate_up, down
 ADAPTER_TARGETS = ("adapter",)
 VISION_TARGETS = ("vision.layers",)  # qkv, proj, fc1, fc2 of each block (not the patch convolution)
-LM_HEAD_TARGETS = ("llm.lm_head",)  # int8 only
+LM_HEAD_TARGETS = ("llm.lm_head",)  # int8 under both modes (int4's error there would reach every token's logits)
 CONFIG_KEY = "quantization"
 FORMAT_VERSION = 1
 
 
 def target_patterns(mode: str, quantize_vision: bool = DEFAULT_QUANTIZE_VISION) -> list[str]:
-    head = LM_HEAD_TARGETS if mode == "int8" else ()
-    return list(DECODER_TARGETS + ADAPTER_TARGETS + (VISION_TARGETS if quantize_vision else ()) + head)
+    return list(DECODER_TARGETS + ADAPTER_TARGETS + (VISION_TARGETS if quantize_vision else ()) + LM_HEAD_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -112,15 +111,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     `model.quantization`). On the meta device (before loading) the new layers are empty and the loader fills them;
     on a real model each weight is quantized now (then call `pack_model`)."""
     patterns = list(spec.modules) if spec.modules else target_patterns(spec.mode, spec.quantize_vision)
-    cls = LINEARS[spec.mode]
-    extra = {"group_size": spec.group_size} if spec.mode == "int4" else {}
 
     def make(name: str, linear: nn.Module) -> QuantizedLinear:
         # The language expert runs in every decode step (decode tokens are text); the rest only at prefill.
         decode_path = any(part.startswith("language_expert") for part in name.split("."))
-        if spec.mode == "int4":
-            check_group_size(spec.group_size, linear.in_features, name)
-        return cls.from_linear(linear, decode_path=decode_path, **extra)
+        if spec.mode == "int8" or name in LM_HEAD_TARGETS:
+            return Int8Linear.from_linear(linear, decode_path=decode_path)
+        check_group_size(spec.group_size, linear.in_features, name)
+        return Int4Linear.from_linear(linear, decode_path=decode_path, group_size=spec.group_size)
 
     names = replace_modules(model, patterns, make, what="linear layer to quantize")
     if spec.modules and tuple(names) != tuple(spec.modules):

@@ -397,4 +397,3 @@ class Int4Linear(QuantizedLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}, kernel={self.kernel or 'none (plain)'}"
 
 
-LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
