@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--modes", nargs="+", default=["bf16", "int8"],
-                    choices=["bf16", "int8", "int8-bf16-head", "int4-g128"])
+                    choices=["bf16", "int8", "int8-bf16-head", "int4-g128", "int4-g128-bf16-head"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--json", help="also write the rows here")
@@ -126,7 +126,7 @@ def main() -> None:
                 kind, *group = mode.removesuffix("-bf16-head").split("-g")
                 head = model.llm.lm_head
                 quantize_model(model, QuantSpec(kind, int(group[0]) if group else None, True, None))
-                if mode.endswith("-bf16-head"):  # int8's lm_head kept in bf16 (as before 2026-12-04)
+                if mode.endswith("-bf16-head"):  # lm_head kept in bf16 (as before the 14th session for int8, 16th int4)
                     model.llm.lm_head = head
                 pack_model(model, torch.bfloat16)
             rows += measure(model, cfg, mode, args.batches, args.steps, bandwidth)

@@ -7,6 +7,7 @@ last, the `MEASURED` entries these timings suggest for this GPU (`decode_kernels
 `decode_int4.MEASURED` for int4: the shapes whose best configuration beats the pick by more than --margin).
 
     python bench/gemv_configs.py [--preset cogvlm-chat-hf] [--top 3] [--dtypes bf16 int8 int4] [--margin 0.03]
+                                 [--extra-only]
 
 (A few-row `tl.dot` version for batches 2-16, tried on an H200 on 2026-12-02, read 1.0-3.7 TB/s against cuBLAS's
 2.6-4.0 at 8 rows, and was dropped: docs/benchmarks.md.)
@@ -37,18 +38,21 @@ EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (1
          (32, 1024, 4, 1, True), (8, 256, 2, 1, True)]
 # (BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]); see decode_int4._configs (its CANDIDATES are timed too)
 EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1), (8, 2, 1, 2, 2),
-          (16, 8, 4, 1, 4), (8, 8, 2, 1, 4), (32, 4, 4, 2, 4), (16, 2, 1, 1, 4)]
+          (16, 8, 4, 1, 4), (8, 8, 2, 1, 4), (32, 4, 4, 2, 4), (32, 4, 4, 1, 8), (32, 2, 2, 1, 8), (64, 4, 8, 1, 4),
+          (32, 4, 2, 1, 4), (16, 2, 1, 1, 8), (8, 2, 1, 1, 8), (64, 4, 4, 1, 4), (16, 4, 2, 1, 8), (32, 2, 2, 1, 4)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
-def configs(dtype: str, k: int):
+def configs(dtype: str, k: int, extra_only: bool = False):
     """The list's configurations and the extra ones, each pruned as the kernel's autotuner prunes its own."""
     if dtype == "int4":
         extra = decode_int4.CANDIDATES + decode_int4._configs(EXTRA4)
-        return [(c, "") for c in decode_int4._int4_gemv.configs] + [(c, "extra") for c in extra]
-    tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
-    kept = D._prune([c for c, _ in tried], {"INT8": dtype == "int8", "K": k})
-    return [(c, tag) for c, tag in tried if any(c is p for p in kept)]
+        tried = [(c, "") for c in decode_int4._int4_gemv.configs] + [(c, "extra") for c in extra]
+    else:
+        tried = [(c, "") for c in D._gemv.configs] + [(c, "extra") for c in D._configs(EXTRA)]
+        kept = D._prune([c for c, _ in tried], {"INT8": dtype == "int8", "K": k})
+        tried = [(c, tag) for c, tag in tried if any(c is p for p in kept)]
+    return [(c, tag) for c, tag in tried if tag or not extra_only]
 
 
 def describe(c) -> str:
@@ -76,7 +80,8 @@ def cases(cfg, dtype: str):
             continue
         q8 = quantize_int8(w) if dtype == "int8" else None
         weight = q8["weight"] if q8 else w
-        copies = [weight] + [weight.clone() for _ in range(max(1, L2_BYTES // (weight.numel() * weight.element_size())))]
+        nbytes = weight.numel() * weight.element_size()
+        copies = [weight] + [weight.clone() for _ in range(max(1, L2_BYTES // nbytes))]
         scales = q8["scales"] if q8 else None
         x = x32[:k] if norm else x32[:k].to(torch.bfloat16)
         r = None if norm else x32[:n]
@@ -89,7 +94,7 @@ def cases(cfg, dtype: str):
         dense = weight.float() * scales.float()[:, None] if q8 else weight.float()
         exact = fp32_product(x, dense, nw if norm else None, gate, r)
         key = D.measured_key(n // 2 if gate else n, k, norm, gate, not norm, dtype == "int8")
-        yield name, copies, fused, reference, exact, weight.numel() * weight.element_size(), k, key
+        yield name, copies, fused, reference, exact, nbytes, k, key
 
 
 def fp32_product(x, dense, norm_weight, gate, residual):
@@ -134,6 +139,8 @@ def main() -> None:
     ap.add_argument("--preset", default="cogvlm-chat-hf")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"])
     ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--extra-only", action="store_true", help="time only the configurations outside the list "
+                    "(and the pick), not the list's own")
     ap.add_argument("--margin", type=float, default=0.03, help="how much faster a configuration must be to suggest it")
     args = ap.parse_args()
     cfg = CogVLMConfig.load(args.preset)
@@ -150,7 +157,7 @@ def main() -> None:
             got, want = fused(copies[0], None).float(), exact
             err = ((got - want).norm() / want.norm()).item()
             timed = []
-            for config, tag in configs(dtype, k):
+            for config, tag in configs(dtype, k, args.extra_only):
                 try:
                     timed.append((graph_time(rotating(lambda wt, c=config: fused(wt, c), copies)), config, tag))
                 except Exception as e:  # noqa: BLE001 (a candidate that does not compile or fit: reported, skipped)

@@ -116,13 +116,15 @@ if triton is not None:
     # With AHEAD = 2 or SPLIT > 1: candidates to time on a GPU (bench/gemv_configs.py) before any joins the
     # autotuning list (the interpreter test runs them too)
     CANDIDATES = _configs([(32, 4, 2, 2), (32, 8, 8, 2), (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2),
-                           (32, 8, 8, 1, 2), (16, 4, 2, 2, 4), (32, 4, 4, 1, 4), (8, 2, 1, 1, 2), (32, 8, 8, 1, 4),
+                           (32, 8, 8, 1, 2), (16, 4, 2, 2, 4), (8, 2, 1, 1, 2), (32, 8, 8, 1, 4),
                            (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (16, 4, 2, 1, 2)])
 
-    # (32, 4, 2) ... (64, 8, 8): MEASURED's (below) and the next
+    # (32, 4, 2) ... (16, 2, 1, 1, 4): MEASURED's (below) and the next; the last two split a block's tiles in four
+    # (measured on an H200, 2026-12-04: dense and down 8 and 22 % faster than unsplit, gate_up 3 %)
     @triton.autotune(configs=_configs([(8, 8, 2), (16, 8, 2), (16, 8, 4), (32, 8, 4), (16, 4, 2), (32, 4, 4),
                                        (8, 4, 1), (16, 2, 2), (32, 2, 2), (64, 4, 8), (8, 16, 4), (16, 16, 4),
-                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8)]),
+                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8), (32, 4, 4, 1, 4),
+                                       (16, 2, 1, 1, 4)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL"])
     @triton.jit
     def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, NS, eps, G: tl.constexpr,
@@ -197,14 +199,17 @@ if triton is not None:
                 _finish(y, y_up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
                 tl.atomic_xchg(cnt_ptr + block, 0)  # ready for the next call
 
-    LISTED_SPLIT = max(c.kwargs["SPLIT"] for c in _int4_gemv.configs)  # (1: no list entry splits its inputs yet)
+    LISTED_SPLIT = max(c.kwargs["SPLIT"] for c in _int4_gemv.configs)  # what the autotuned launch may need
 
 
 # Configurations measured faster than the autotuner's pick, per GPU and (N, K, NORM, GATE, RESIDUAL): as
-# `decode_kernels.MEASURED`, from bench/gemv_configs.py --dtypes int4 on an H200 (docs/benchmarks.md, 2026-12-04):
-# 1761, 1261, 1899 and 1386 GB/s against the autotuned 1517, 1058, 1449 and 1158 (tinygemm: 1660, 1274, 1829, 1583).
-MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False): (32, 4, 2), (4096, 4096, False, False, True): (32, 8, 8),
-                            (11008, 4096, True, True, False): (8, 2, 1), (4096, 11008, False, False, True): (32, 8, 8)}}
+# `decode_kernels.MEASURED`, from bench/gemv_configs.py --dtypes int4 on an H200 (docs/benchmarks.md, 2026-12-04,
+# fifteenth and sixteenth sessions): qkv, dense, gate_up, down 1756, 1305, 2066, 1676 GB/s (tinygemm: 1690, 1258,
+# 1833, 1585).
+MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False): (32, 4, 2),
+                            (4096, 4096, False, False, True): (32, 4, 4, 1, 4),
+                            (11008, 4096, True, True, False): (16, 2, 1, 1, 4),
+                            (4096, 11008, False, False, True): (32, 4, 4, 1, 4)}}
 
 
 @functools.lru_cache(maxsize=None)

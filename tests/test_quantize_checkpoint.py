@@ -90,8 +90,8 @@ def test_quantizing_a_hub_layout_folder_equals_quantizing_its_conversion(tmp_pat
 
 
 def test_an_int4_checkpoint_written_before_lm_head_was_quantized_loads_with_its_lm_head_as_stored(tmp_path):
-    """Before 2026-12-05 int4 kept lm_head in the compute dtype: such a folder's config does not list it, and it loads
-    as it was written (the module list, not today's defaults, decides what is swapped)."""
+    """Until the sixteenth session (2026-12-04) int4 kept lm_head in the compute dtype: such a folder's config does not
+    list it, and it loads as it was written (the module list, not today's defaults, decides what is swapped)."""
     dst = quantize_checkpoint(TINY_SHAPES, tmp_path / "q", "int4", 32)
     config = json.loads((dst / "cogvlm_config.json").read_text())
     config["quantization"]["modules"].remove("llm.lm_head")
