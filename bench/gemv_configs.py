@@ -59,7 +59,7 @@ def describe(c) -> str:
     if "TILES" in c.kwargs:
         kw = c.kwargs
         return (f"{kw['BLOCK_N']}x{kw['TILES']} tiles w{c.num_warps}" + (" 2 ahead" if kw["AHEAD"] == 2 else "")
-                + (f" split {kw['SPLIT']}" if kw["SPLIT"] > 1 else "") + (" gather" if kw["GATHER"] else ""))
+                + (f" split {kw['SPLIT']}" if kw["SPLIT"] > 1 else ""))
     words = " words" if c.kwargs["WORDS"] else ""
     return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}"
 
@@ -178,11 +178,10 @@ def main() -> None:
 
 def entry(c) -> tuple:
     """A configuration as a MEASURED value: (BLOCK_N, BLOCK_K, warps, stages, WORDS), or for int4 (BLOCK_N, TILES,
-    warps[, AHEAD, SPLIT[, GATHER]])."""
+    warps[, AHEAD, SPLIT])."""
     kw = c.kwargs
     if "TILES" in kw:
-        extra = ((kw["AHEAD"], kw["SPLIT"], int(kw["GATHER"])) if kw["GATHER"] else
-                 (kw["AHEAD"], kw["SPLIT"]) if (kw["AHEAD"], kw["SPLIT"]) != (1, 1) else ())
+        extra = (kw["AHEAD"], kw["SPLIT"]) if (kw["AHEAD"], kw["SPLIT"]) != (1, 1) else ()
         return (kw["BLOCK_N"], kw["TILES"], c.num_warps) + extra
     return kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages, kw["WORDS"]
 

@@ -99,33 +99,6 @@ if triton is not None:
         return x0, x1, x2, x3, x4, x5, x6, x7, squares
 
     @triton.jit
-    def _gathered(x_ptr, nw_ptr, t, tiles, NORM: tl.constexpr):
-        """As `_inputs`, each of the eight (TILES, 16) tensors loaded at its own inputs instead (from the L1 cache:
-        no shuffle in registers)."""
-        w16 = tl.arange(0, 16)
-        k0 = (t * 128)[:, None] + (32 * (w16 % 4) + 2 * (w16 // 4))[None, :]  # the input of nibble 0 of each word
-        ok = (t < tiles)[:, None] & (k0 >= 0)
-        x0, s0 = _gather(x_ptr, nw_ptr, k0, ok, NORM)  # nibble p = 4 b + q: input 8 q + b further
-        x1, s1 = _gather(x_ptr, nw_ptr, k0 + 8, ok, NORM)
-        x2, s2 = _gather(x_ptr, nw_ptr, k0 + 16, ok, NORM)
-        x3, s3 = _gather(x_ptr, nw_ptr, k0 + 24, ok, NORM)
-        x4, s4 = _gather(x_ptr, nw_ptr, k0 + 1, ok, NORM)
-        x5, s5 = _gather(x_ptr, nw_ptr, k0 + 9, ok, NORM)
-        x6, s6 = _gather(x_ptr, nw_ptr, k0 + 17, ok, NORM)
-        x7, s7 = _gather(x_ptr, nw_ptr, k0 + 25, ok, NORM)
-        squares = tl.sum(s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7, axis=1)
-        return x0, x1, x2, x3, x4, x5, x6, x7, squares
-
-    @triton.jit
-    def _gather(x_ptr, nw_ptr, k, ok, NORM: tl.constexpr):
-        """The inputs at k (times the norm's weight with NORM) and their squares."""
-        x = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        squares = x * x
-        if NORM:
-            x *= tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        return x, squares
-
-    @triton.jit
     def _tile_sums(acc, x_sum, sz_ptr, rn, n_ok, t, tiles, NS, G: tl.constexpr):
         """(BLOCK_N,) the block's share of the products: each tile's code sums with its channel's scale and zero."""
         sz = sz_ptr + (((t * 128) // G)[None, :] * NS + rn[:, None]) * 2  # (BLOCK_N, TILES)
@@ -135,20 +108,16 @@ if triton is not None:
         return tl.sum(128.0 * s * tl.sum(acc, axis=2) + (z - 136.0 * s) * x_sum[None, :], axis=1)
 
     def _configs(rows):
-        """(BLOCK_N, TILES, warps[, AHEAD[, SPLIT[, GATHER]]]) -> configs; AHEAD: blocks of words in flight ahead of
-        the one in use; SPLIT: programs a channel block's inputs are shared out over; GATHER: inputs loaded in nibble
-        order (`_gathered`) rather than read contiguously and put in order in registers (`_inputs`)."""
+        """(BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]) -> configs; AHEAD: blocks of words in flight ahead of the one in
+        use; SPLIT: programs a channel block's inputs are shared out over."""
         return [triton.Config({"BLOCK_N": r[0], "TILES": r[1], "AHEAD": r[3] if len(r) > 3 else 1,
-                               "SPLIT": r[4] if len(r) > 4 else 1, "GATHER": bool(r[5]) if len(r) > 5 else False},
-                              num_warps=r[2], num_stages=1) for r in rows]
+                               "SPLIT": r[4] if len(r) > 4 else 1}, num_warps=r[2], num_stages=1) for r in rows]
 
     # With AHEAD = 2 or SPLIT > 1: candidates to time on a GPU (bench/gemv_configs.py) before any joins the
     # autotuning list (the interpreter test runs them too)
     CANDIDATES = _configs([(32, 4, 2, 2), (32, 8, 8, 2), (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2),
                            (32, 8, 8, 1, 2), (16, 4, 2, 2, 4), (8, 2, 1, 1, 2), (32, 8, 8, 1, 4),
-                           (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (16, 4, 2, 1, 2),
-                           (32, 4, 2, 1, 1, 1), (32, 4, 4, 1, 4, 1), (16, 2, 1, 1, 4, 1), (8, 2, 1, 1, 1, 1),
-                           (32, 8, 8, 1, 1, 1), (16, 4, 2, 1, 1, 1)])
+                           (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (16, 4, 2, 1, 2)])
 
     # (32, 4, 2) ... (16, 2, 1, 1, 4): MEASURED's (below) and the next; the last two split a block's tiles in four
     # (measured on an H200, 2026-12-04: dense and down 8 and 22 % faster than unsplit, gate_up 3 %)
@@ -160,8 +129,7 @@ if triton is not None:
     @triton.jit
     def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, NS, eps, G: tl.constexpr,
                    NORM: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, AHEAD: tl.constexpr, SPLIT: tl.constexpr,
-                   GATHER: tl.constexpr):
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, AHEAD: tl.constexpr, SPLIT: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         tiles = K // 128
@@ -172,6 +140,7 @@ if triton is not None:
         offsets = ((rn // 8) * tiles * 128 + (rn % 8) * 16)[:, None, None] + (tt * 128)[None, :, None] + w16[None,
                                                                                                             None, :]
         up = (N // 8) * tiles * 128  # the up channels' words (GATE: N % 8 == 0)
+        k_word = 32 * (w16 % 4) + 2 * (w16 // 4)  # the input of nibble 0 of word w of a tile
         # The weights do not depend on the previous kernel: the first blocks are read before waiting for it (PDL);
         # each step then asks for the block AHEAD blocks on (one or two: more bytes in flight for short loops).
         w, u = _block(w_ptr, offsets, n_ok, tt, end, GATE, up)
@@ -192,7 +161,7 @@ if triton is not None:
                 even_up, odd_up = _nibbles_to_f32(u), _nibbles_to_f32(u >> 4)
             acc = tl.zeros((BLOCK_N, TILES, 16), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, TILES, 16), dtype=tl.float32)
-            xs = _gathered(x_ptr, nw_ptr, t, end, NORM) if GATHER else _inputs(x_ptr, nw_ptr, t, end, NORM, TILES)
+            xs = _inputs(x_ptr, nw_ptr, t, end, NORM, TILES)
             if NORM:
                 squares += xs[8]
             x_sum = tl.zeros((TILES, 16), dtype=tl.float32)
