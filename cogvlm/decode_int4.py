@@ -1,6 +1,6 @@
 """The batch-1 decode step's int4 product (`cogvlm.fast_decode`): one row times tinygemm's words, with the options of
 `decode_kernels.gemv` (RMSNorm of x on the fly, the SwiGLU gate, the residual add), so that an int4 layer keeps the
-step's six kernels instead of running through its module (tinygemm, plus a norm kernel and a gate kernel).
+step's seven kernels instead of running through its module (tinygemm, plus a norm kernel and a gate kernel).
 
 The layout is tinygemm's, as `Int4Linear` holds it on CUDA (`cogvlm.quantize.int4_rows`): channel 8j + r owns words
 16r..16r+15 of tile (j, t), 128 inputs a tile, and nibble p of its word w = 4a + i holds input

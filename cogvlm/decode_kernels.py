@@ -1,4 +1,4 @@
-"""Triton kernels for the batch-1 decode step (`cogvlm.fast_decode`): a decoder layer in six kernels instead of ~15.
+"""Triton kernels for the batch-1 decode step (`cogvlm.fast_decode`): a decoder layer in seven kernels instead of ~15.
 
 A batch-1 decode step reads every language-path weight once; measured on an H200 (docs/benchmarks.md) the weight
 products ran at ~90 % of copy bandwidth, but the ~10 small kernels around them per layer (two RMSNorms, residual
@@ -12,19 +12,17 @@ over the cache cost ~0.9 ms of a 4.7 ms step. Here the small work moves into the
   eager layer does); `gate=True` reads w as [gate | up] and returns silu(g) * u;
   `residual=r` returns r + y in r's dtype (the fp32 residual stream) after rounding y to the weight's dtype, as the
   layer's `x + sublayer(x)` does.
+- `rope_kv(qkv, cos, sin, k_cache, v_cache, pos)`: rotary on q and k, k and v written to cache slot `pos`, q out.
 - `add_norm(x, y, weight, eps)`, `silu_gate(gate_up)`: the residual add with the next RMSNorm, and the SwiGLU gate,
   of a few rows in one kernel each (eager takes five and two), around the products that run through their own
   modules (cuBLAS at batches 2-16, int4 or LoRA layers at batch 1).
-- `attend(qkv, cos, sin, k_cache, v_cache, key_valid, pos)`: rotary on the step's q and k, k and v written to cache
-  slot `pos`, and attention of one query per row and head over the cache slots that are valid and before `pos`,
-  and `pos` itself; split over the cache (flash decoding: each program a chunk of slots, then a short combine), so
-  that 32 heads keep every SM reading; invalid slots are never loaded. (Rotary and the cache writes were a kernel
-  of their own before the attention's until 2026-12-04.)
+- `attend(q, k_cache, v_cache, key_valid, pos)`: attention of one query per row and head over the cache slots
+  that are valid and not after `pos`, split over the cache (flash decoding: each program a chunk of slots, then a
+  short combine), so that 32 heads keep every SM reading; invalid slots are never loaded.
 
 On GPUs of compute capability 9.0+ they are launched with programmatic dependent launch (`launch_options`;
 `COGVLM_PDL=0` turns it off): a kernel's programs may start while the previous kernel's last ones still run, and
-wait for its writes (`_wait_for_inputs`) only after the work that does not need them: a product's first weight tile,
-attention's first block of cached keys and values.
+wait for its writes (`_wait_for_inputs`) only after the work that does not need them, a product's first weight tile.
 Measured on an H200 (bench/decode_step.py, docs/benchmarks.md): the bf16 batch-1 step 4010 -> 3843 us, int8 2820 ->
 2753 us. (Asking L2 for each program's whole weight range at its start, tried with it, made the step slower: 4738
 us.)
@@ -160,6 +158,31 @@ if triton is not None:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _rope_kv(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, S,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
+        b, h = tl.program_id(0), tl.program_id(1)
+        j = tl.arange(0, BLOCK)
+        ok = j < HALF
+        c = tl.load(cos_ptr + b * HALF + j, mask=ok, other=0.0)
+        s = tl.load(sin_ptr + b * HALF + j, mask=ok, other=0.0)
+        row = qkv_ptr + b * 6 * H * HALF  # [q | k | v], each (H, 2 * HALF)
+        q1 = tl.load(row + h * 2 * HALF + j, mask=ok, other=0.0).to(tl.float32)
+        q2 = tl.load(row + h * 2 * HALF + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        k1 = tl.load(row + (H + h) * 2 * HALF + j, mask=ok, other=0.0).to(tl.float32)
+        k2 = tl.load(row + (H + h) * 2 * HALF + HALF + j, mask=ok, other=0.0).to(tl.float32)
+        v1 = tl.load(row + (2 * H + h) * 2 * HALF + j, mask=ok, other=0.0)
+        v2 = tl.load(row + (2 * H + h) * 2 * HALF + HALF + j, mask=ok, other=0.0)
+        out = q_ptr + (b * H + h) * 2 * HALF
+        tl.store(out + j, (q1 * c - q2 * s).to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF + j, (q2 * c + q1 * s).to(q_ptr.dtype.element_ty), mask=ok)
+        slot = ((b * H + h) * S + tl.load(pos_ptr)) * 2 * HALF
+        tl.store(k_ptr + slot + j, (k1 * c - k2 * s).to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_ptr + slot + HALF + j, (k2 * c + k1 * s).to(k_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_ptr + slot + j, v1, mask=ok)
+        tl.store(v_ptr + slot + HALF + j, v2, mask=ok)
+
+    @triton.jit
     def _add_norm_rows(x_ptr, y_ptr, w_ptr, sum_ptr, h_ptr, D, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
         _wait_for_inputs(PDL)
@@ -185,74 +208,36 @@ if triton is not None:
         silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as eager rounds it
         tl.store(y_ptr + row * F + f, (silu * u).to(y_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def _rotary(z_ptr, cos_ptr, sin_ptr, d, d_ok, D: tl.constexpr):
-        """The D values at z_ptr rotated, in fp32: [z1 c - z2 s | z2 c + z1 s] of their halves z1 and z2."""
-        HALF: tl.constexpr = D // 2
-        c = tl.load(cos_ptr + d % HALF, mask=d_ok, other=0.0)
-        s = tl.load(sin_ptr + d % HALF, mask=d_ok, other=0.0)
-        z = tl.load(z_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        partner = tl.load(z_ptr + (d + HALF) % D, mask=d_ok, other=0.0).to(tl.float32)
-        return z * c + tl.where(d < HALF, -partner, partner) * s
-
-    @triton.jit
-    def _cache_block(k_ptr, v_ptr, valid_ptr, b, bh, S, s0, end, pos, d, d_ok, D: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
-        """Slots s0 .. s0 + BLOCK_S - 1 (those before end): which of them the query sees, and the keys and values of
-        those before pos, read from the cache (slot pos is this step's own, written by its chunk's program)."""
-        s = s0 + tl.arange(0, BLOCK_S)
-        ok = (s < end) & (s < pos)
-        ok = ok & (tl.load(valid_ptr + b * S + s, mask=ok, other=0) != 0)
-        offsets = (bh * S + s)[:, None] * D + d[None, :]
-        k = tl.load(k_ptr + offsets, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + offsets, mask=ok[:, None] & d_ok[None, :], other=0.0)  # (both loads in flight)
-        return ok | (s == pos), k, v
-
     @triton.autotune(configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in
                               ((64, 4), (32, 2), (32, 4), (16, 2), (64, 8), (16, 1))], key=["S", "CHUNK", "D"])
     @triton.jit
-    def _attend_chunk(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK,
-                      scale, D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attend_chunk(q_ptr, k_ptr, v_ptr, valid_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, H, S, CHUNK, scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr):
+        _wait_for_inputs(PDL)
         bh, c = tl.program_id(0), tl.program_id(1)
         n_chunks = tl.num_programs(1)
-        b, h = bh // H, bh % H
+        b = bh // H
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
+        q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale
         pos = tl.load(pos_ptr)
-        first, end = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, S)  # this program's slots
-        # The cache's slots before pos do not depend on the previous kernel (the QKV product): the first block is
-        # read before waiting for it (with PDL, while that kernel's last programs still run).
-        seen, k, v = _cache_block(k_ptr, v_ptr, valid_ptr, b, bh, S, first, end, pos, d, d_ok, D, BLOCK_S)
-        _wait_for_inputs(PDL)
-        # rotary on this row's q, k (q k^T as the rotated q and k rounded to the layer's dtype) and, by the program
-        # whose chunk holds slot pos, k and v written there
-        row = qkv_ptr + b * 3 * H * D  # [q | k | v], each (H, D)
-        q = _rotary(row + h * D, cos_ptr + b * (D // 2), sin_ptr + b * (D // 2), d, d_ok, D)
-        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale
-        k_new = _rotary(row + (H + h) * D, cos_ptr + b * (D // 2), sin_ptr + b * (D // 2), d, d_ok, D)
-        k_new = k_new.to(k_ptr.dtype.element_ty)
-        v_new = tl.load(row + (2 * H + h) * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
-        slot = (bh * S + pos) * D + d
-        at = pos + 0 * d  # (pos for each of the D values)
-        own = d_ok & (at >= first) & (at < end)
-        tl.store(k_ptr + slot, k_new, mask=own)
-        tl.store(v_ptr + slot, v_new, mask=own)
         m = tl.max(tl.full((BLOCK_S,), -1e30, tl.float32), axis=0)  # running max (a float scalar)
         l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)  # running sum of exp
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for s0 in range(first, first + CHUNK, BLOCK_S):
-            at_pos = (s0 + tl.arange(0, BLOCK_S) == pos)[:, None]
-            k = tl.where(at_pos, k_new.to(tl.float32)[None, :], k.to(tl.float32))
-            v = tl.where(at_pos, v_new.to(tl.float32)[None, :], v.to(tl.float32))
-            scores = tl.where(seen, tl.sum(k * q[None, :], axis=1), -1e30)
+        for s0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            valid = (s < S) & (s <= pos)
+            valid = valid & ((tl.load(valid_ptr + b * S + s, mask=valid, other=0) != 0) | (s == pos))
+            offsets = (bh * S + s)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None] & d_ok[None, :], other=0.0)  # (both loads in flight)
+            scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1e30)
             m_new = tl.maximum(m, tl.max(scores, axis=0))
-            p = tl.where(seen, tl.exp(scores - m_new), 0.0)
+            p = tl.where(valid, tl.exp(scores - m_new), 0.0)
             alpha = tl.exp(m - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
-            seen, k, v = _cache_block(k_ptr, v_ptr, valid_ptr, b, bh, S, s0 + BLOCK_S, end, pos, d, d_ok, D,
-                                      BLOCK_S)
         part = bh * n_chunks + c
         tl.store(o_ptr + part * D + d, acc, mask=d_ok)
         tl.store(m_ptr + part, m)
@@ -363,14 +348,22 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            pos: torch.Tensor) -> torch.Tensor:
+    """qkv (B, 3 H hd); cos, sin (B, hd/2) fp32; caches (B, H, S, hd); pos (1,) long -> q (B, H, hd)."""
+    B, H, S, hd = k_cache.shape
+    q = torch.empty(B, H, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_kv[(B, H)](qkv, cos, sin, pos, q, k_cache, v_cache, H, S, HALF=hd // 2,
+                     BLOCK=triton.next_power_of_2(hd // 2), **launch_options(qkv.device, B))
+    return q
+
+
 CHUNK_STEP, MAX_CHUNKS = 64, 64  # a chunk is a multiple of CHUNK_STEP slots (and of every BLOCK_S)
 
 
-def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           key_valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """This step's attention: rotary on q and k of qkv (B, 3 H hd) by cos, sin (B, hd/2) fp32, k and v written to
-    cache slot pos (1,) long of the caches (B, H, S, hd), and softmax(q k^T / sqrt(hd)) v over the valid slots before
-    pos and slot pos itself -> (B, H, hd) in qkv's dtype. key_valid: (B, S) bool."""
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor,
+           pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the valid slots up to pos; q (B, H, hd) -> (B, H, hd)."""
     B, H, S, hd = k_cache.shape
     # Chunks of 64 slots (768 programs for 32 heads and 1536 slots; a first version with ~2 programs per SM read the
     # cache at 1.2 TB/s on an H200), at most MAX_CHUNKS per head for long caches; each program walks its chunk in
@@ -380,17 +373,17 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: tor
     n_chunks = min(triton.cdiv(S, CHUNK_STEP), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), CHUNK_STEP) * CHUNK_STEP
     n_chunks = triton.cdiv(S, chunk)
-    parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=qkv.device)
-    m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=qkv.device)
+    parts = torch.empty(B * H * n_chunks, hd, dtype=torch.float32, device=q.device)
+    m = torch.empty(B * H * n_chunks, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     block_d = triton.next_power_of_2(hd)
-    pdl = launch_options(qkv.device, B)
-    launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, qkv, cos, sin, k_cache, v_cache, key_valid, pos,
-           parts, m, l, H, S, chunk, hd ** -0.5, hd, block_d, **pdl)
-    out = torch.empty(B, H, hd, dtype=qkv.dtype, device=qkv.device)
+    pdl = launch_options(q.device, B)
+    launch(_attend_chunk, lambda c: (B * H, n_chunks), lambda k: k, q, k_cache, v_cache, key_valid, pos, parts, m, l,
+           H, S, chunk, hd ** -0.5, hd, block_d, **pdl)
+    out = torch.empty_like(q)
     _attend_combine[(B * H,)](parts, m, l, out, n_chunks, D=hd, BLOCK_D=block_d,
                               BLOCK_C=triton.next_power_of_2(n_chunks), **pdl)
     return out
 
 
-__all__ = ["INTERPRETED", "add_norm", "attend", "gemv", "silu_gate"]
+__all__ = ["INTERPRETED", "add_norm", "attend", "gemv", "rope_kv", "silu_gate"]

@@ -1,12 +1,12 @@
-"""The decode step with the kernels of `cogvlm.decode_kernels`: at batch 1, six kernels per decoder layer.
+"""The decode step with the kernels of `cogvlm.decode_kernels`: at batch 1, seven kernels per decoder layer.
 
 `DecodeSession` records this step into its CUDA graph instead of `model(...)` when `FastStep.build` accepts the
 model. It computes what `CogVLM.forward` computes for one text token per row against the KV cache (every decode
 token takes the language expert), reading the same modules' weights:
 
-    qkv = [RMSNorm + QKV product]
-    a   = [rotary on q and k; k, v -> cache slot; attention over the cache (split)]   x = x + [dense product]
-    h   = [RMSNorm + gate|up product + SiLU gate]                                     x = x + [down product]
+    qkv = [RMSNorm + QKV product]            q = rotary(q); k, v = rotary(k), v -> cache slot   (rope_kv)
+    a   = attention over the cache (split)   x = x + [dense product]
+    h   = [RMSNorm + gate|up product + SiLU gate]                 x = x + [down product]
     logits = [final RMSNorm + lm_head product]
 
 An int4 layer of groups of whole tiles (128 or 256 inputs) runs its products in `cogvlm.decode_int4`'s kernel, with
@@ -14,7 +14,7 @@ the same options (`COGVLM_DECODE_INT4=0`: through its module instead). Where a p
 `nn.Linear`, an int8 layer or such an int4 layer (smaller int4 groups, LoRA wrappers, anything swapped in), that
 projection runs through its own module, its residual add left pending for the next norm's kernel (`add_norm`: add and
 RMSNorm in one) and its SwiGLU gate in one kernel, and the rest keeps the kernels. At batches 2..MAX_BATCH the
-products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep their kernel. A model
+products are cuBLAS's (through the modules) and rotary, the cache writes and attention keep the kernels. A model
 whose layers are not the stock modules, or that carries hooks, keeps the ordinary step. `COGVLM_DECODE_KERNELS=0`
 turns this off.
 """
@@ -79,7 +79,8 @@ class FastStep:
         for layer, cache in zip(llm.layers, self.caches):
             attn, mlp = layer.attn, layer.mlp.language_expert
             x, qkv = self.normed(stream, attn.language_expert_qkv, layer.attn_norm)
-            a = k.attend(qkv, cos, sin, cache.k, cache.v, key_valid, cache_pos)
+            q = k.rope_kv(qkv, cos, sin, cache.k, cache.v, cache_pos)
+            a = k.attend(q, cache.k, cache.v, key_valid, cache_pos)
             stream = self.added(x, attn.language_expert_dense, a.view(B, -1))
             x, h = self.normed(stream, mlp.gate_up, layer.mlp_norm, gate=True)
             stream = self.added(x, mlp.down, h)
