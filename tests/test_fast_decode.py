@@ -62,37 +62,44 @@ def check_kernels() -> None:
         want = F.silu(gu[:, :1500]) * gu[:, 1500:]
         got = D.silu_gate(gu)
         assert got.dtype == dtype and rel(got, want) < bound, f"silu_gate {dtype}: {rel(got, want):.2e}"
-    B, H, S, hd, pos = 2, 3, 150, 16, 97
-    for (dtype, bound), config in [(d, c) for d in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))
-                                   for c in range(len(D._attend_chunk.configs))]:
+    for config in range(len(D._attend_chunk.configs)):
         T.interpreted_config = config
-        qkv = torch.randn(B, 3 * H * hd).to(dtype)
-        angles = torch.randn(B, hd // 2)
-        cos, sin = angles.cos(), angles.sin()
-        k_cache, v_cache = torch.randn(B, H, S, hd).to(dtype), torch.randn(B, H, S, hd).to(dtype)
-        before = k_cache.clone(), v_cache.clone()
-        q = D.rope_kv(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]))
-        t = qkv.view(B, 3, H, hd).float()
+        for dtype in (torch.float32, torch.bfloat16):
+            check_rope_attend(2, (97, 64, 149, 0)[config % 4], dtype)  # mid-chunk, a chunk's first slot, last, 0
 
-        def rotary(z):
-            z1, z2 = z.chunk(2, -1)
-            c, s = cos[:, None], sin[:, None]
-            return torch.cat([z1 * c - z2 * s, z2 * c + z1 * s], -1)
 
-        assert rel(q, rotary(t[:, 0])) < bound and rel(k_cache[:, :, pos], rotary(t[:, 1])) < bound
-        assert torch.equal(v_cache[:, :, pos], t[:, 2].to(dtype))
-        others = torch.arange(S) != pos
-        assert torch.equal(k_cache[:, :, others], before[0][:, :, others])
-        assert torch.equal(v_cache[:, :, others], before[1][:, :, others])
-        valid = torch.rand(B, S) > 0.3
-        valid[:, pos + 1:] = True  # slots after pos are ignored even where marked valid
-        valid[:, pos] = False  # and the query's own slot is always seen
-        out = D.attend(q, k_cache, v_cache, valid, torch.tensor([pos]))
-        mask = valid.clone()
-        mask[:, pos + 1:], mask[:, pos] = False, True
-        want = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache.float(), v_cache.float(),
-                                              attn_mask=mask[:, None, None])[:, :, 0]
-        assert out.shape == q.shape and rel(out, want) < bound, f"attend {dtype}: {rel(out, want):.2e}"
+def check_rope_attend(B: int, pos: int, dtype: torch.dtype, device: str = "cpu") -> None:
+    """`rope_kv` (rotary, the cache writes at pos) then `attend` against torch, over a cache of 150 slots."""
+    from cogvlm import decode_kernels as D
+
+    H, S, hd, bound = 3, 150, 16, 1e-5 if dtype == torch.float32 else 2e-2
+    qkv = torch.randn(B, 3 * H * hd, device=device).to(dtype)
+    angles = torch.randn(B, hd // 2, device=device)
+    cos, sin = angles.cos(), angles.sin()
+    k_cache, v_cache = (torch.randn(B, H, S, hd, device=device).to(dtype) for _ in range(2))
+    before = k_cache.clone(), v_cache.clone()
+    q = D.rope_kv(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos], device=device))
+    t = qkv.view(B, 3, H, hd).float()
+
+    def rotary(z):
+        z1, z2 = z.chunk(2, -1)
+        c, s = cos[:, None], sin[:, None]
+        return torch.cat([z1 * c - z2 * s, z2 * c + z1 * s], -1)
+
+    assert rel(q, rotary(t[:, 0])) < bound and rel(k_cache[:, :, pos], rotary(t[:, 1])) < bound
+    assert torch.equal(v_cache[:, :, pos], t[:, 2].to(dtype))
+    others = torch.arange(S, device=device) != pos
+    assert torch.equal(k_cache[:, :, others], before[0][:, :, others])
+    assert torch.equal(v_cache[:, :, others], before[1][:, :, others])
+    valid = torch.rand(B, S, device=device) > 0.3
+    valid[:, pos + 1:] = True  # slots after pos are ignored even where marked valid
+    valid[:, pos] = False  # and the query's own slot is always seen
+    out = D.attend(q, k_cache, v_cache, valid, torch.tensor([pos], device=device))
+    mask = valid.clone()
+    mask[:, pos + 1:], mask[:, pos] = False, True
+    want = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache.float(), v_cache.float(),
+                                          attn_mask=mask[:, None, None])[:, :, 0]
+    assert out.shape == q.shape and rel(out, want) < bound, f"attend {dtype}: {rel(out, want):.2e}"
 
 
 def check_measured() -> None:
@@ -222,6 +229,17 @@ def test_sessions_on_the_cpu_keep_the_model_step():
 
     model, _, _ = fixture_model()
     assert DecodeSession(model, 1, 16).fast is None  # no CUDA graph on the CPU: the ordinary step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels' compiled code (its PTX) needs a CUDA GPU")
+def test_rotary_and_attention_match_torch_on_the_gpu():
+    """`rope_kv` and `attend` as compiled for the GPU, at one row with programmatic dependent launch (where the GPU
+    has it) and at three rows, the slot pos at several places in its chunk."""
+    torch.manual_seed(0)
+    for B in (1, 3):
+        for pos in (97, 64, 149, 0):
+            for dtype in (torch.float32, torch.bfloat16):
+                check_rope_attend(B, pos, dtype, "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels' compiled code (its PTX) needs a CUDA GPU")
