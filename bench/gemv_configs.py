@@ -36,10 +36,10 @@ EXTRA = [(8, 2048, 4, 1), (16, 2048, 8, 1), (4, 2048, 4, 1), (8, 1024, 8, 2), (1
          (16, 2048, 8, 1, True), (32, 1024, 8, 1, True), (8, 4096, 8, 1, True), (16, 1024, 8, 1, True),
          (4, 1024, 2, 1, True), (32, 512, 8, 1, True), (8, 1024, 4, 2, True), (16, 2048, 4, 1, True),
          (32, 1024, 4, 1, True), (8, 256, 2, 1, True)]
-# (BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]); see decode_int4._configs (its CANDIDATES are timed too)
-EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1), (8, 2, 1, 2, 2),
-          (16, 8, 4, 1, 4), (8, 8, 2, 1, 4), (32, 4, 4, 2, 4), (32, 4, 4, 1, 8), (32, 2, 2, 1, 8), (64, 4, 8, 1, 4),
-          (32, 4, 2, 1, 4), (16, 2, 1, 1, 8), (8, 2, 1, 1, 8), (64, 4, 4, 1, 4), (16, 4, 2, 1, 8), (32, 2, 2, 1, 4)]
+# (BLOCK_N, TILES, warps[, SPLIT]); see decode_int4._configs (its CANDIDATES are timed too)
+EXTRA4 = [(8, 8, 4), (64, 2, 4), (16, 4, 4), (4, 8, 1), (8, 1, 1), (4, 2, 1), (8, 4, 2), (16, 2, 1), (16, 8, 4, 4),
+          (8, 8, 2, 4), (32, 4, 4, 8), (32, 2, 2, 8), (64, 4, 8, 4), (32, 4, 2, 4), (16, 2, 1, 8), (8, 2, 1, 8),
+          (64, 4, 4, 4), (16, 4, 2, 8), (32, 2, 2, 4)]
 L2_BYTES = 200 * 2 ** 20  # rotate over at least this many bytes of weights
 
 
@@ -58,8 +58,8 @@ def configs(dtype: str, k: int, extra_only: bool = False):
 def describe(c) -> str:
     if "TILES" in c.kwargs:
         kw = c.kwargs
-        return (f"{kw['BLOCK_N']}x{kw['TILES']} tiles w{c.num_warps}" + (" 2 ahead" if kw["AHEAD"] == 2 else "")
-                + (f" split {kw['SPLIT']}" if kw["SPLIT"] > 1 else ""))
+        split = f" split {kw['SPLIT']}" if kw["SPLIT"] > 1 else ""
+        return f"{kw['BLOCK_N']}x{kw['TILES']} tiles w{c.num_warps}{split}"
     words = " words" if c.kwargs["WORDS"] else ""
     return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}{words}"
 
@@ -178,11 +178,10 @@ def main() -> None:
 
 def entry(c) -> tuple:
     """A configuration as a MEASURED value: (BLOCK_N, BLOCK_K, warps, stages, WORDS), or for int4 (BLOCK_N, TILES,
-    warps[, AHEAD, SPLIT])."""
+    warps[, SPLIT])."""
     kw = c.kwargs
     if "TILES" in kw:
-        extra = (kw["AHEAD"], kw["SPLIT"]) if (kw["AHEAD"], kw["SPLIT"]) != (1, 1) else ()
-        return (kw["BLOCK_N"], kw["TILES"], c.num_warps) + extra
+        return (kw["BLOCK_N"], kw["TILES"], c.num_warps) + ((kw["SPLIT"],) if kw["SPLIT"] > 1 else ())
     return kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages, kw["WORDS"]
 
 

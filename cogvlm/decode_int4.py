@@ -15,15 +15,14 @@ scale and zero once:
 
     sum_k x_k ((c_k - 8) s + z) = 128 s sum_k f_k x_k + (z - 136 s) sum_k x_k.
 
-Each tile's inputs are read once as 128 contiguous values and put in nibble order in registers (`_inputs`). Two
-options, not yet timed on a GPU (`CANDIDATES`, outside the autotuning list until they are), aim at the short loops'
-latency: AHEAD = 2 keeps two blocks of words in
-flight instead of one, and SPLIT shares a channel block's tiles out over 2-4 programs, each writing its sums to a
-workspace, the last of them to arrive adding them in order and finishing (`triton_mm.counters`, as `int4_rows`).
-Measured on an H200 (docs/benchmarks.md, 2026-12-04): 1.26-1.90 TB/s at the four decoder shapes in the measured
-configurations, about tinygemm's 1.27-1.83 (which has no norm, gate or residual); the int4 g128 step 2816 -> 2660 us
-(the bf16 step 3918). The loop spends ~4.1 sm_90 instructions a code (Triton 3.9: a byte permute and a multiply-add
-each, the rest addresses, reductions and layout shuffles), so it is bound by instruction issue, not by memory.
+Each tile's inputs are read once as 128 contiguous values and put in nibble order in registers (`_inputs`). For
+the short loops' latency, SPLIT shares a channel block's tiles out over several programs, each writing its sums to a
+workspace, the last of them to arrive adding them in order and finishing (`triton_mm.counters`, as `int4_rows`). Measured on an H200
+(docs/benchmarks.md, 2026-12-04): in the configurations of `MEASURED` (three of them split in four) 1.31-2.07 TB/s
+at the four decoder shapes, against tinygemm's 1.26-1.83 (which has no norm, gate or residual); the int4 g128 step
+2388 us against bf16's 3828. Not faster there, and removed: two blocks of words in flight instead of one (AHEAD,
+until 2026-12-04) and inputs loaded in nibble order (GATHER); nor were the splits of `CANDIDATES`. The loop spends ~4.1 sm_90 instructions a code
+(Triton 3.9: a byte permute and a multiply-add each, the rest addresses, reductions and layout shuffles).
 
 It runs in Triton's CPU interpreter too (tests), without PDL and with shifts and masks for the byte permutes.
 """
@@ -108,28 +107,26 @@ if triton is not None:
         return tl.sum(128.0 * s * tl.sum(acc, axis=2) + (z - 136.0 * s) * x_sum[None, :], axis=1)
 
     def _configs(rows):
-        """(BLOCK_N, TILES, warps[, AHEAD[, SPLIT]]) -> configs; AHEAD: blocks of words in flight ahead of the one in
-        use; SPLIT: programs a channel block's inputs are shared out over."""
-        return [triton.Config({"BLOCK_N": r[0], "TILES": r[1], "AHEAD": r[3] if len(r) > 3 else 1,
-                               "SPLIT": r[4] if len(r) > 4 else 1}, num_warps=r[2], num_stages=1) for r in rows]
+        """(BLOCK_N, TILES, warps[, SPLIT]) -> configs; SPLIT: programs a channel block's inputs are shared out over."""
+        return [triton.Config({"BLOCK_N": r[0], "TILES": r[1], "SPLIT": r[3] if len(r) > 3 else 1}, num_warps=r[2],
+                              num_stages=1) for r in rows]
 
-    # With AHEAD = 2 or SPLIT > 1: candidates to time on a GPU (bench/gemv_configs.py) before any joins the
-    # autotuning list (the interpreter test runs them too)
-    CANDIDATES = _configs([(32, 4, 2, 2), (32, 8, 8, 2), (8, 2, 1, 2), (16, 8, 4, 2), (8, 4, 1, 2), (32, 4, 2, 1, 2),
-                           (32, 8, 8, 1, 2), (16, 4, 2, 2, 4), (8, 2, 1, 1, 2), (32, 8, 8, 1, 4),
-                           (64, 4, 8, 1, 2), (16, 8, 4, 2, 2), (32, 4, 2, 2, 2), (8, 4, 2, 1, 4), (16, 4, 2, 1, 2)])
+    # More split configurations, timed by bench/gemv_configs.py (--extra-only) against the list's picks: none faster
+    # by 3 % on an H200 (2026-12-04); the interpreter test runs them too
+    CANDIDATES = _configs([(32, 4, 2, 2), (32, 8, 8, 2), (8, 2, 1, 2), (32, 8, 8, 4), (64, 4, 8, 2), (8, 4, 2, 4),
+                           (16, 4, 2, 2)])
 
-    # (32, 4, 2) ... (16, 2, 1, 1, 4): MEASURED's (below) and the next; the last two split a block's tiles in four
+    # (32, 4, 2) ... (16, 2, 1, 4): MEASURED's (below) and the next; the last two split a block's tiles in four
     # (measured on an H200, 2026-12-04: dense and down 8 and 22 % faster than unsplit, gate_up 3 %)
     @triton.autotune(configs=_configs([(8, 8, 2), (16, 8, 2), (16, 8, 4), (32, 8, 4), (16, 4, 2), (32, 4, 4),
                                        (8, 4, 1), (16, 2, 2), (32, 2, 2), (64, 4, 8), (8, 16, 4), (16, 16, 4),
-                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8), (32, 4, 4, 1, 4),
-                                       (16, 2, 1, 1, 4)]),
+                                       (32, 4, 2), (32, 8, 8), (8, 2, 1), (64, 8, 8), (32, 4, 4, 4),
+                                       (16, 2, 1, 4)]),
                      key=["N", "K", "NORM", "GATE", "RESIDUAL"])
     @triton.jit
     def _int4_gemv(x_ptr, w_ptr, sz_ptr, nw_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, NS, eps, G: tl.constexpr,
                    NORM: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, AHEAD: tl.constexpr, SPLIT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels (of the gate half with GATE)
         n_ok = rn < N
         tiles = K // 128
@@ -140,22 +137,16 @@ if triton is not None:
         offsets = ((rn // 8) * tiles * 128 + (rn % 8) * 16)[:, None, None] + (tt * 128)[None, :, None] + w16[None,
                                                                                                             None, :]
         up = (N // 8) * tiles * 128  # the up channels' words (GATE: N % 8 == 0)
-        k_word = 32 * (w16 % 4) + 2 * (w16 // 4)  # the input of nibble 0 of word w of a tile
-        # The weights do not depend on the previous kernel: the first blocks are read before waiting for it (PDL);
-        # each step then asks for the block AHEAD blocks on (one or two: more bytes in flight for short loops).
+        # The weights do not depend on the previous kernel: the first block is read before waiting for it (PDL);
+        # each step then asks for the next block before its arithmetic.
         w, u = _block(w_ptr, offsets, n_ok, tt, end, GATE, up)
-        if AHEAD == 2:
-            w1, u1 = _block(w_ptr, offsets + TILES * 128, n_ok, tt + TILES, end, GATE, up)
-        else:
-            w1, u1 = w, u
         _wait_for_inputs(PDL)
         y = tl.zeros((BLOCK_N,), dtype=tl.float32)
         y_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
         squares = tl.zeros((TILES,), dtype=tl.float32)
         for i in range(0, per, TILES):
             t = tt + i
-            far = AHEAD * TILES
-            w_next, u_next = _block(w_ptr, offsets + (i + far) * 128, n_ok, t + far, end, GATE, up)
+            w_next, u_next = _block(w_ptr, offsets + (i + TILES) * 128, n_ok, t + TILES, end, GATE, up)
             even, odd = _nibbles_to_f32(w), _nibbles_to_f32(w >> 4)  # nibbles 0, 2, 4, 6 and 1, 3, 5, 7
             if GATE:
                 even_up, odd_up = _nibbles_to_f32(u), _nibbles_to_f32(u >> 4)
@@ -175,10 +166,7 @@ if triton is not None:
             y += _tile_sums(acc, x_tiles, sz_ptr, rn, n_ok, t, end, NS, G)
             if GATE:
                 y_up += _tile_sums(acc_up, x_tiles, sz_ptr, rn + N, n_ok, t, end, NS, G)
-            if AHEAD == 2:
-                w, u, w1, u1 = w1, u1, w_next, u_next
-            else:
-                w, u = w_next, u_next
+            w, u = w_next, u_next
         squares = tl.sum(squares, axis=0)
         if SPLIT == 1:
             _finish(y, y_up, squares, x_ptr, r_ptr, y_ptr, rn, n_ok, K, eps, NORM, GATE, RESIDUAL)
@@ -207,9 +195,9 @@ if triton is not None:
 # fifteenth and sixteenth sessions): qkv, dense, gate_up, down 1756, 1305, 2066, 1676 GB/s (tinygemm: 1690, 1258,
 # 1833, 1585).
 MEASURED = {"NVIDIA H200": {(12288, 4096, True, False, False): (32, 4, 2),
-                            (4096, 4096, False, False, True): (32, 4, 4, 1, 4),
-                            (11008, 4096, True, True, False): (16, 2, 1, 1, 4),
-                            (4096, 11008, False, False, True): (32, 4, 4, 1, 4)}}
+                            (4096, 4096, False, False, True): (32, 4, 4, 4),
+                            (11008, 4096, True, True, False): (16, 2, 1, 4),
+                            (4096, 11008, False, False, True): (32, 4, 4, 4)}}
 
 
 @functools.lru_cache(maxsize=None)

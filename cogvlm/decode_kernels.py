@@ -369,7 +369,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_va
     # cache at 1.2 TB/s on an H200), at most MAX_CHUNKS per head for long caches; each program walks its chunk in
     # blocks of the autotuned BLOCK_S. On an H200 (docs/benchmarks.md, eleventh session) chunks of 128-512 slots were
     # slower at batches 1, 8 and 16, and so was combining a row's chunks in the last of its programs to finish
-    # instead of the second kernel (12.3 against 9.9 us at batch 1).
+    # instead of the second kernel (12.3 against 9.9 us at batch 1). Reading a chunk's first block of the cache before
+    # waiting for rotary (PDL) made the bf16 step slower (4010 against 3846 us), and so did rotary and the cache
+    # writes inside this kernel (3816 against 3795; 2026-12-04).
     n_chunks = min(triton.cdiv(S, CHUNK_STEP), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(S, n_chunks), CHUNK_STEP) * CHUNK_STEP
     n_chunks = triton.cdiv(S, chunk)
